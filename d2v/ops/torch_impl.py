@@ -1,0 +1,85 @@
+"""Run-time PyTorch fallback of the three ops: the same math as reference.py, formulated for speed.
+
+Every backend module (this one, d2v.kernels, d2v.ops.extension) exposes the same three functions:
+
+    targets(layers, norm, final_norm, mask, padding_mask, eps) -> fp32 (B, T, D) or (N, D)
+    ema_update_(teacher, student, decay) -> None
+    masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad) -> (loss, grad_pred)
+
+`grad_pred` is d(loss)/d(pred) in pred's dtype and shape (an empty tensor when need_grad is False);
+the autograd wrapper in d2v.ops scales it by the incoming gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _normalize_(y: torch.Tensor, kind: str, w: torch.Tensor | None, n: torch.Tensor | None, eps: float):
+    """Normalize fp32 y (B, T, D); w (B, T, 1) valid-step weights and n (B, 1, 1) their count for instance norm."""
+    if kind == "layer":
+        var, mean = torch.var_mean(y, dim=-1, keepdim=True, correction=0)
+        return (y - mean) * torch.rsqrt(var + eps)
+    if kind == "instance":
+        if w is None:
+            var, mean = torch.var_mean(y, dim=1, keepdim=True, correction=0)
+        else:
+            mean = (y * w).sum(dim=1, keepdim=True) / n
+            var = (((y - mean) * w) ** 2).sum(dim=1, keepdim=True) / n
+        return (y - mean) * torch.rsqrt(var + eps)
+    return y
+
+
+@torch.no_grad()
+def targets(layers, norm, final_norm, mask, padding_mask, eps):
+    w = n = None
+    if padding_mask is not None and "instance" in (norm, final_norm):
+        w = (~padding_mask).unsqueeze(-1).float()  # (B, T, 1)
+        n = w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    acc = torch.zeros(layers[0].shape, dtype=torch.float32, device=layers[0].device)  # (B, T, D)
+    for layer in layers:  # (B, T, D) each
+        acc.add_(_normalize_(layer.float(), norm, w, n, eps))
+    acc.div_(len(layers))
+    acc = _normalize_(acc, final_norm, w, n, eps)
+    if mask is not None:
+        acc = acc[mask]
+    return acc.contiguous()
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, decay):
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    for t, s in zip(teacher, student):
+        ts, ss = by_dtype.setdefault(s.dtype, ([], []))
+        ts.append(t)
+        ss.append(s)
+    for dtype, (ts, ss) in by_dtype.items():
+        if dtype != ts[0].dtype:
+            ss = [s.to(ts[0].dtype) for s in ss]
+        torch._foreach_lerp_(ts, ss, 1.0 - decay)
+
+
+def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
+    d = pred.float() - target.float()  # (..., D)
+    if beta == 0:
+        per_elem = d * d
+    else:
+        ad = d.abs()
+        small = ad < beta
+        per_elem = torch.where(small, (0.5 / beta) * d * d, ad - 0.5 * beta)
+    per_row = per_elem.sum(dim=-1)  # (...)
+    if mask is not None:
+        w = mask.to(per_row.dtype)
+        count = w.sum()
+        per_row = per_row * w
+    else:
+        w = None
+        count = torch.tensor(float(per_row.numel()), device=pred.device)
+    factor = scale / count.clamp_min(1.0) if reduction == "mean" else torch.tensor(scale, device=pred.device)
+    loss = per_row.sum() * factor
+    if not need_grad:
+        return loss, pred.new_empty(0)
+    g = 2.0 * d if beta == 0 else torch.where(small, d / beta, torch.sign(d))
+    g = g * factor
+    if w is not None:
+        g = g * w.unsqueeze(-1)
+    return loss, g.to(pred.dtype)
