@@ -1,0 +1,25 @@
+"""Host-side layout helpers shared by the launchers: pointer tables and the alignment test for vector loads."""
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(len(tensors),) int64 data_ptrs on `device`; kernels cast each entry with tl.pointer_type.
+
+    On CUDA the table goes through pinned memory with a non-blocking copy, so building it never waits
+    for the GPU (a plain pageable copy would synchronize the host with the stream).
+    """
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def aligned(tensors: list[torch.Tensor], *strides: int) -> bool:
+    """True when every base pointer is 16-byte aligned and every row stride keeps it so (vector loads are safe)."""
+    size = tensors[0].element_size()
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all((s * size) % 16 == 0 for s in strides)
