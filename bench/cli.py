@@ -1,0 +1,70 @@
+"""`d2v bench ...` commands (mounted by d2v.cli as the "bench" group)."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Benchmarks of d2v's hot ops.", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Benchmarks of d2v's hot ops."""
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+@app.command()
+def kernels(
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes that finish in seconds (a smoke test)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    include_interpreter: bool = typer.Option(
+        False, "--include-interpreter", help="Time Triton under TRITON_INTERPRET=1 on the CPU (meaningless timings)."),
+    compile_: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help="Include torch.compile of the reference [default: on unless --quick]."),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Timed runs per implementation (median)."),
+    ops: str = typer.Option("targets,ema,loss", "--ops", help="Comma-separated subset of targets, ema, loss."),
+) -> None:
+    """Time every available implementation of targets, EMA update and the masked loss; print a table."""
+    from .kernels import OPS, run
+
+    chosen = tuple(o.strip() for o in ops.split(",") if o.strip())
+    unknown = [o for o in chosen if o not in OPS]
+    if unknown:
+        raise typer.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--ops")
+    console = Console()
+    try:
+        result = run(quick=quick, device=device, include_interpreter=include_interpreter, compile_=compile_,
+                     runs=runs, ops=chosen, on_row=lambda r: console.print(
+                         f"  {r['op']:8s} {r['impl']:13s} {r['median_ms']:10.3f} ms  {r['case']}", style="dim"))
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    argv = sys.argv[sys.argv.index("kernels") + 1:] if "kernels" in sys.argv else []
+    result["meta"]["command"] = shlex.join(["d2v", "bench", "kernels", *argv])
+    meta = result["meta"]
+    table = Table(title=f"d2v kernels on {meta['device_name']} ({meta['device']}), copy {meta['copy_gbps']:.1f} GB/s")
+    for col in ("op", "case", "impl", "median ms", "MB", "GB/s", "% copy", "vs eager", "vs compile"):
+        table.add_column(col, justify="left" if col in ("op", "case", "impl") else "right", no_wrap=col != "case")
+    for r in result["rows"]:
+        table.add_row(r["op"], r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{r['bytes'] / 1e6:.1f}",
+                      f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}", _fmt(r["speedup_vs_eager"], ".2f"),
+                      _fmt(r["speedup_vs_compile"], ".2f"))
+    console.print(table)
+    for s in result["skipped"]:
+        where = f"{s['op']} / {s['case']} / " if "op" in s else ""
+        console.print(f"skipped {where}{s['impl']}: {s['reason']}", style="yellow")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")

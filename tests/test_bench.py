@@ -1,0 +1,48 @@
+"""`d2v bench kernels --quick` runs in seconds on the CPU and writes JSON rows with every reported field."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from d2v.bench.cli import app
+from d2v.bench.kernels import run, vit_param_shapes
+
+ROW_FIELDS = {"op", "case", "impl", "median_ms", "bytes", "gbps", "pct_copy", "speedup_vs_eager", "speedup_vs_compile"}
+
+
+@pytest.mark.triton
+def test_quick_benchmark_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["kernels", "--quick", "--device", "cpu", "--include-interpreter",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["copy_gbps"] > 0
+    rows = data["rows"]
+    assert all(ROW_FIELDS <= set(r) for r in rows)
+    assert {r["op"] for r in rows} == {"targets", "ema", "loss"}
+    impls = {r["impl"] for r in rows}
+    assert {"reference", "torch", "triton", "foreach_lerp"} <= impls
+    assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert all(r["speedup_vs_eager"] is not None for r in rows)
+
+
+def test_interpreter_is_never_timed_unless_asked():
+    data = run(quick=True, device="cpu", ops=("loss",), runs=1)
+    assert "triton" not in {r["impl"] for r in data["rows"]}
+    assert any(s["impl"] == "triton" for s in data["skipped"])
+
+
+def test_unavailable_device_is_one_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = CliRunner().invoke(app, ["kernels", "--quick", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_vit_parameter_counts():
+    """The EMA cases really are ViT-B (86M) and ViT-L (304M) parameter sets."""
+    count = lambda shapes: sum(torch.Size(s).numel() for s in shapes)  # noqa: E731
+    assert 85e6 < count(vit_param_shapes(768, 12, 3072)) < 87e6
+    assert 302e6 < count(vit_param_shapes(1024, 24, 4096)) < 305e6
