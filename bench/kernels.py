@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -147,6 +148,8 @@ def implementations(device: torch.device, include_interpreter: bool, compile_: b
             continue
         if name == "triton" and device.type == "cpu" and not include_interpreter:
             skipped[name] = "the Triton interpreter is not timed unless --include-interpreter is given"
+        elif name == "triton" and device.type == "cpu" and "triton" in sys.modules and not _interpreted():
+            skipped[name] = "triton was imported without TRITON_INTERPRET=1, so it cannot run CPU tensors"
         elif ok:
             chosen[name] = name
         else:
@@ -257,8 +260,9 @@ def run(
 ) -> dict:
     """Benchmark the hot ops; returns {"meta": {...}, "rows": [...], "skipped": [...]} (JSON-ready)."""
     dev = resolve_device(device)
-    if include_interpreter and dev.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # effective only if triton was not imported yet
+    if include_interpreter and dev.type == "cpu" and "triton" not in sys.modules:
+        # @triton.jit picks the interpreter at import time; once triton is in, the caller's setting stands.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     compile_ = (not quick) if compile_ is None else compile_
     runs = runs or (5 if quick else 50 if dev.type == "cuda" else 10)
     max_seconds = max_seconds or (0.5 if quick else 10.0)
@@ -299,6 +303,13 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _interpreted() -> bool:
+    """True when the imported triton runs kernels in its interpreter (decided when kernels were decorated)."""
+    from d2v.kernels.ema import _ema_update_kernel
+
+    return type(_ema_update_kernel).__name__ == "InterpretedFunction"
 
 
 def _triton_version() -> str | None:
