@@ -34,7 +34,8 @@ def _ema_update_kernel(
 ):
     pid = tl.program_id(0)
     i = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     n = tl.load(numels + i)
     t_base = tl.load(teacher_ptrs + i)
     s_base = tl.load(student_ptrs + i)
@@ -43,10 +44,17 @@ def _ema_update_kernel(
         s_base = tl.multiple_of(s_base, 16)
     t_ptr = t_base.to(tl.pointer_type(tl.float32)) + offs
     s_ptr = s_base.to(tl.pointer_type(STUDENT_DTYPE)) + offs
-    ok = offs < n
-    t = tl.load(t_ptr, mask=ok)
-    s = tl.load(s_ptr, mask=ok).to(tl.float32)
-    tl.store(t_ptr, t + weight * (s - t), mask=ok)
+    # A mask against a size loaded from memory defeats vector loads (its alignment is unknown), so only a
+    # tensor's last block is masked.
+    if start + BLOCK <= n:
+        t = tl.load(t_ptr)
+        s = tl.load(s_ptr).to(tl.float32)
+        tl.store(t_ptr, t + weight * (s - t))
+    else:
+        ok = offs < n
+        t = tl.load(t_ptr, mask=ok)
+        s = tl.load(s_ptr, mask=ok).to(tl.float32)
+        tl.store(t_ptr, t + weight * (s - t), mask=ok)
 
 
 _TABLES: OrderedDict[tuple, tuple] = OrderedDict()
