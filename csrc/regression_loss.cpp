@@ -1,0 +1,83 @@
+// CPU kernel of `masked_regression_loss`: loss and d(loss)/d(pred) in one pass over the selected rows.
+//
+// Rows are processed in fixed blocks whose partial sums are added in block order, so the loss does not depend
+// on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#include "cpu_rows.h"
+#include "ops.h"
+
+namespace d2v {
+
+namespace {
+constexpr int64_t kRowsPerBlock = 32;
+
+at::Tensor as_supported(const at::Tensor& x) {
+  const auto d = x.scalar_type();
+  return (d == at::kFloat || d == at::kBFloat16 || d == at::kHalf ? x : x.to(at::kFloat)).contiguous();
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
+                                                              const std::optional<at::Tensor>& mask_in, double beta,
+                                                              double scale, const std::string& reduction,
+                                                              bool need_grad) {
+  TORCH_CHECK(pred_in.sizes() == target_in.sizes() && pred_in.dim() >= 1,
+              "d2v: pred and target must have one shape (..., D)");
+  TORCH_CHECK(reduction == "mean" || reduction == "sum", "d2v: reduction must be 'mean' or 'sum'");
+  const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
+  const int64_t D = pred.size(-1), R = D == 0 ? 0 : pred.numel() / D;
+  at::Tensor mask;
+  const bool* m = nullptr;
+  int64_t count = R;
+  if (mask_in.has_value()) {
+    TORCH_CHECK(mask_in->numel() == R, "d2v: mask must have pred.shape[:-1]");
+    mask = mask_in->to(at::kBool).contiguous();
+    m = mask.data_ptr<bool>();
+    count = 0;
+    for (int64_t r = 0; r < R; ++r) count += m[r];
+  }
+  const double factor = reduction == "mean" ? scale / static_cast<double>(std::max<int64_t>(count, 1)) : scale;
+  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred_in.options());
+  const auto gd = grad.scalar_type();
+  const bool grad_direct = gd == at::kFloat;  // else via a scratch row, converted on store
+  char* gp = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const auto pd = pred.scalar_type(), td = target.scalar_type();
+  const char* pp = static_cast<const char*>(pred.data_ptr());
+  const char* tp = static_cast<const char*>(target.data_ptr());
+  const size_t ps = c10::elementSize(pd), ts = c10::elementSize(td), gs = c10::elementSize(gd);
+
+  const int64_t blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(D), q(D), g(D);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      double sum = 0.0;
+      for (int64_t r = blk * kRowsPerBlock; r < std::min(R, (blk + 1) * kRowsPerBlock); ++r) {
+        char* grow = need_grad ? gp + r * D * gs : nullptr;
+        if (m != nullptr && !m[r]) {
+          if (grow != nullptr) std::memset(grow, 0, D * gs);
+          continue;
+        }
+        const float* prow = reinterpret_cast<const float*>(pp + r * D * ps);
+        const float* qrow = reinterpret_cast<const float*>(tp + r * D * ts);
+        if (pd != at::kFloat) cpu::load_row(pp + r * D * ps, pd, p.data(), D), prow = p.data();
+        if (td != at::kFloat) cpu::load_row(tp + r * D * ts, td, q.data(), D), qrow = q.data();
+        float* g_out = grow == nullptr ? nullptr : grad_direct ? reinterpret_cast<float*>(grow) : g.data();
+        sum += cpu::regression_row(prow, qrow, g_out, D, static_cast<float>(beta), static_cast<float>(factor));
+        if (grow != nullptr && !grad_direct) cpu::store_row(g.data(), gd, grow, D);
+      }
+      partial[blk] = sum;
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  at::Tensor loss = at::scalar_tensor(total * factor, pred_in.options().dtype(at::kFloat));
+  if (need_grad && grad.scalar_type() != pred_in.scalar_type()) grad = grad.to(pred_in.scalar_type());
+  return {loss, grad};
+}
+
+}  // namespace d2v
