@@ -15,3 +15,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+TINY_OVERRIDES = {
+    "model.dim": 32, "model.depth": 2, "model.num_heads": 2, "targets.top_k": 2,
+    "run.batch_size": 16, "run.steps": 8, "run.log_every": 1,
+}
+
+
+def tiny_config(**overrides):
+    """The CPU preset shrunk further, for tests that train."""
+    from d2v.config import set_by_path
+    from d2v.presets import preset_config
+
+    cfg = preset_config("vision", "tiny")
+    for key, value in {**TINY_OVERRIDES, **overrides}.items():
+        set_by_path(cfg, key, value)
+    return cfg
+
+
+def tiny_cli_args():
+    args = []
+    for key, value in TINY_OVERRIDES.items():
+        args += ["--set", f"{key}={value}"]
+    return args + ["--no-progress"]

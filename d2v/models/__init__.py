@@ -1,0 +1,19 @@
+"""Encoders by modality. Each has encode(x, mask, padding_mask, output_layers, top_k) -> EncoderOutput,
+forward(x) -> last hidden states, embed(x) -> (B, D), and no_weight_decay()."""
+from __future__ import annotations
+
+from torch import nn
+
+from d2v.models.common import EncoderOutput
+
+
+def build_encoder(model_cfg) -> nn.Module:
+    """The encoder for a model config (its `modality` field picks the family)."""
+    if model_cfg.modality == "vision":
+        from d2v.models.vision import VisionEncoder
+
+        return VisionEncoder(model_cfg)
+    raise ValueError(f"unknown modality {model_cfg.modality!r}")
+
+
+__all__ = ["EncoderOutput", "build_encoder"]

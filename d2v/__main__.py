@@ -1,0 +1,3 @@
+from d2v.cli import main
+
+main()

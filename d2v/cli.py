@@ -1,0 +1,259 @@
+"""The `d2v` command line: pretrain, export, probe, env, bench."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="data2vec self-supervised pretraining for vision, speech and text.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+export_app = typer.Typer(help="Export a run's encoder.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn errors a user can cause into one red sentence and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from d2v.errors import UserError
+        from d2v.ops.backends import BackendUnavailable
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, BackendUnavailable) as exc:
+            err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class Modality(str, Enum):
+    vision = "vision"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Kernels(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@app.command()
+@user_errors
+def pretrain(
+    modality: Modality = typer.Option(Modality.vision, help="Which data2vec modality to pretrain."),
+    data: Optional[str] = typer.Option(None, help="Built-in dataset name (vision: digits, fashion-mnist) or a path: "
+                                       "a folder of images or a .npy/.npz array. Default: digits."),
+    preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches accumulated per optimizer update."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    precision: Optional[Precision] = typer.Option(None, help="Autocast precision; fp16 uses a gradient scaler."),
+    kernels: Optional[Kernels] = typer.Option(None, help="Implementation of the hot ops (auto picks the fastest)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (data order, masks, init)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N updates (0: only at the end)."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes preparing batches."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
+    set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the fully resolved config and exit."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Pretrain an encoder with data2vec and write a run directory (config, metrics, checkpoints)."""
+    from d2v.config import set_by_path
+    from d2v.errors import ConfigError
+    from d2v.presets import preset_config
+    from d2v.train import pretrain as run_pretrain, prepare_run, validate
+
+    cfg = preset_config(modality.value, preset)
+    overrides = {
+        "data.source": data, "run.steps": steps, "run.batch_size": batch_size, "run.grad_accum": grad_accum,
+        "optim.lr": lr, "data.image_size": image_size, "run.device": device,
+        "run.precision": precision.value if precision else None, "run.kernels": kernels.value if kernels else None,
+        "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
+        "data.skip_bad_files": True if skip_bad_files else None,
+    }
+    for item in set_:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    if image_size is not None:
+        overrides["model.image_size"] = 0  # resize the data; the model follows it
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        set_by_path(cfg, key, value)
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+        saved, _ = prepare_run(cfg, out, resume=True)
+        _check_resume_overrides(saved, given, preset, modality.value)
+        cfg = saved
+    validate(cfg)
+    if dry_run:
+        from d2v.data.pipeline import build_pipeline
+
+        build_pipeline(cfg)  # resolves data-dependent fields
+        console.print_json(cfg.to_json())
+        return
+    summary = run_pretrain(cfg, out=out, resume=resume, console=console, progress=progress)
+    table = Table(title="pretrain summary", show_header=False)
+    table.add_row("steps", f"{summary.steps} / {cfg.run.steps}" + ("  (stopped early)" if summary.interrupted else ""))
+    table.add_row("final loss", f"{summary.final_loss:.4f}")
+    table.add_row("throughput", f"{summary.samples_per_s:.1f} samples/s")
+    table.add_row("wall time", f"{summary.wall_s:.1f} s")
+    if summary.skipped_files:
+        table.add_row("skipped files", str(summary.skipped_files))
+    if summary.collapsed:
+        table.add_row("warning", "representation collapse suspected (see metrics.jsonl)")
+    table.add_row("run directory", str(summary.run_dir))
+    table.add_row("checkpoint", str(summary.checkpoint))
+    console.print(table)
+    console.print(f"Next: d2v export checkpoint {summary.run_dir} --out {summary.run_dir}/export")
+
+
+def _check_resume_overrides(saved, given: dict, preset: Optional[str], modality: str) -> None:
+    """Resuming continues the saved run exactly: options that would change it are refused."""
+    from d2v.config import PretrainConfig, from_dict, set_by_path
+    from d2v.errors import ConfigError
+
+    allowed = {"run.device", "data.num_workers", "model.image_size"}
+    if (preset is not None and preset != saved.preset) or modality != saved.modality:
+        raise ConfigError("--preset and --modality cannot change when resuming; the run keeps its saved config")
+    changed = from_dict(PretrainConfig, saved.to_dict())
+    for key, value in given.items():
+        set_by_path(changed, key, value)
+    for key in given.keys() - allowed:
+        section, name = key.split(".", 1)
+        before, after = getattr(getattr(saved, section), name), getattr(getattr(changed, section), name)
+        if before != after:
+            raise ConfigError(f"{key} cannot change when resuming (saved: {before!r}); start a new run instead")
+    for key in given.keys() & (allowed - {"model.image_size"}):
+        set_by_path(saved, key, given[key])
+
+
+@export_app.command("checkpoint")
+@user_errors
+def export_checkpoint(
+    run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain (or one of its checkpoints)."),
+    out: Path = typer.Option(..., help="Directory to write the encoder to."),
+    weights: str = typer.Option("student", help="Which network to export: student or teacher (EMA)."),
+    hf: bool = typer.Option(True, help="Also write OUT/hf, loadable by Hugging Face transformers."),
+):
+    """Write a self-contained encoder directory (safetensors + config) and a transformers directory."""
+    from d2v.export import export_checkpoint as run_export
+
+    paths = run_export(run_dir, out, weights=weights, hf=hf)
+    console.print(f"Encoder written to {paths['d2v']} (load with d2v.load_encoder)")
+    if "hf" in paths:
+        console.print(f"Hugging Face directory written to {paths['hf']} (load with transformers' from_pretrained)")
+
+
+@app.command()
+@user_errors
+def probe(
+    path: Path = typer.Argument(..., help="An exported encoder directory or a run directory."),
+    data: str = typer.Option("digits", help="Labelled data: a built-in name, a folder with one sub-folder per "
+                             "class, or an .npz with images and labels."),
+    random_init: bool = typer.Option(False, "--random-init", help="Probe the untrained architecture instead."),
+    max_train: int = typer.Option(0, help="Use at most this many training items (0: all)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed for the random init and the subsample."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+):
+    """Linear probe: logistic regression on frozen mean-pooled features; prints test accuracy."""
+    from dataclasses import asdict
+
+    from d2v.probe import probe_path
+    from d2v.train import resolve_device
+
+    dev = resolve_device(device)
+    with console.status("Extracting features and fitting the probe..."):
+        result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed)
+    kind = "random-init" if random_init else "pretrained"
+    console.print(f"Linear probe on {data} ({kind}): test accuracy {result.accuracy:.4f} "
+                  f"(train {result.train_accuracy:.4f}; {result.n_train} train / {result.n_test} test, "
+                  f"{result.n_classes} classes, {result.feature_dim}-dim features)")
+    if json_out:
+        json_out.write_text(json.dumps({"data": data, "path": str(path), **asdict(result)}, indent=2) + "\n")
+
+
+@app.command()
+def env():
+    """Versions, devices and the available op backends."""
+    import platform
+
+    import torch
+
+    from d2v import __version__
+    from d2v.ops import backends
+
+    table = Table(title="d2v environment", show_header=False)
+    table.add_row("d2v", __version__)
+    table.add_row("python", platform.python_version())
+    table.add_row("torch", torch.__version__)
+    for name in ("triton", "numpy", "transformers"):
+        mod, why = backends._import(name)
+        table.add_row(name, getattr(mod, "__version__", "?") if mod else f"not available ({why})")
+    if torch.cuda.is_available():
+        table.add_row("device", f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})")
+    else:
+        table.add_row("device", "cpu only (no CUDA device visible)")
+    table.add_row("cpu threads", str(torch.get_num_threads()))
+    console.print(table)
+    ops_table = Table(title="op backends")
+    for col in ("backend", "tensors", "available", "why"):
+        ops_table.add_column(col)
+    for name, device_type, ok, why in backends.report():
+        ops_table.add_row(name, device_type, "[green]yes[/green]" if ok else "[red]no[/red]", why)
+    console.print(ops_table)
+    for device_type in ("cpu", "cuda"):
+        if device_type == "cpu" or torch.cuda.is_available():
+            console.print(f"auto on {device_type}: {backends.resolve('auto', device_type)}")
+
+
+def _mount_bench() -> None:
+    try:
+        from d2v.bench.cli import app as bench_app
+    except ImportError:
+        return
+    app.add_typer(bench_app, name="bench", help="Benchmarks of the hot ops.")
+
+
+_mount_bench()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

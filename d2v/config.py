@@ -1,0 +1,186 @@
+"""Configuration: dataclasses with ../shared/SPEC.md's defaults, JSON round trip, and overrides by dotted key."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from d2v.errors import ConfigError
+
+
+@dataclass
+class VisionModelConfig:
+    """Pre-LN ViT with CLS token, LayerScale and one relative position bias shared by all blocks."""
+
+    modality: str = "vision"
+    image_size: int = 224
+    patch_size: int = 16  # 0: from the image size (smallest divisor >= 2 giving at most 8 x 8)
+    in_chans: int = 3
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 0.1
+    drop_path: float = 0.25
+    ln_eps: float = 1e-6
+    pixel_mean: list[float] = field(default_factory=list)  # per channel, applied by the encoder; empty: from data
+    pixel_std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MaskConfig:
+    """Which positions the student does not see."""
+
+    kind: str = "block"  # vision: BEiT block-wise
+    ratio: float = 0.6
+    min_block: int = 16  # smallest rectangle, in patches
+    aspect_min: float = 0.3  # aspect ratio drawn log-uniform in [aspect_min, 1 / aspect_min]
+
+
+@dataclass
+class TargetConfig:
+    """How teacher layers become regression targets, and the regression loss."""
+
+    top_k: int = 6
+    layer: str = "block"  # "block": end of block; "ffn": FFN output before residual
+    norm: str = "layer"  # per-layer norm: "layer" | "instance" | "none"
+    final_norm: str = "layer"
+    eps: float = 1e-5
+    loss_beta: float = 2.0  # 0: L2; > 0: Smooth-L1 with this beta
+    loss_scale: str = "inv_dim"  # per-row sum over D times: "one" | "inv_dim" (= mean over D) | "inv_sqrt_dim"
+    head: str = "linear"  # "linear": Linear(D, D); "mlp": Linear(D, 2D) -> GELU -> Linear(2D, D)
+
+
+@dataclass
+class EMAConfig:
+    """teacher <- tau * teacher + (1 - tau) * student; tau rises linearly from decay to end_decay."""
+
+    decay: float = 0.9998
+    end_decay: float = 0.9998
+    anneal_steps: int = 0
+    shared: list[str] = field(default_factory=list)  # parameter-name prefixes the teacher takes from the student
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    schedule: str = "cosine"  # "cosine" | "tri_stage" | "constant"
+    warmup_fraction: float = 0.0125  # 10 of 800 epochs
+    hold_fraction: float = 0.0  # tri_stage only
+    final_lr_ratio: float = 0.0
+    clip_grad: float = 3.0  # 0: no clipping
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # a built-in name or a path
+    image_size: int = 0  # 0: the data's own size; else images are resized to this
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, area fraction (1, 1): none
+    hflip: bool = True
+    skip_bad_files: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    steps: int = 500_000
+    batch_size: int = 2048
+    grad_accum: int = 1
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    device: str = "auto"
+    kernels: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2
+    collapse: str = "warn"  # "warn" | "stop"
+    collapse_after: float = 0.2  # fraction of steps before the collapse guard looks
+
+
+@dataclass
+class PretrainConfig:
+    modality: str = "vision"
+    preset: str = "base"
+    model: VisionModelConfig = field(default_factory=VisionModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig}
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Build dataclass `cls` from a (JSON) dict, recursing into nested dataclasses; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if name == "model" and cls is PretrainConfig:
+            model_cls = MODEL_CONFIGS.get(data.get("modality", "vision"))
+            if model_cls is None:
+                raise ConfigError(f"unknown modality {data.get('modality')!r}")
+            value = from_dict(model_cls, value)
+        elif dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def set_by_path(cfg: PretrainConfig, key: str, value: Any) -> None:
+    """Set a dotted field such as 'optim.lr', converting `value` (often a string) to the field's type."""
+    *parents, last = key.split(".")
+    obj = cfg
+    for part in parents:
+        if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
+            raise ConfigError(f"unknown config section {part!r} in {key!r}")
+        obj = getattr(obj, part)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if last not in fields:
+        raise ConfigError(f"unknown config field {key!r}")
+    current = getattr(obj, last)
+    setattr(obj, last, _convert(value, current, key))
+
+
+def _convert(value: Any, current: Any, key: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, (list, tuple)):
+            parsed = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if current and isinstance(current[0], (int, float)):
+                parsed = [type(current[0])(v) for v in parsed]
+            return type(current)(parsed)
+    except ValueError:
+        raise ConfigError(f"{key} expects a value like {current!r}, got {value!r}") from None
+    return value

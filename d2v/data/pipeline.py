@@ -1,0 +1,141 @@
+"""From a dataset to training batches, deterministically: micro-batch k of a run always holds the same samples,
+masks and augmentations for a given seed, which is what makes resume exact.
+
+A pipeline per modality has: setup(cfg) (reads the data, fills data-dependent model fields), micro_batch(k)
+(a CPU Batch; may run in DataLoader workers) and on_device(batch, k) (device-side augmentation)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2v.config import PretrainConfig
+from d2v.errors import ConfigError, DataError
+from d2v.objective import Batch
+
+
+class SampleOrder:
+    """Sample order over epochs: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Dataset indices of global sample positions start .. start + count - 1."""
+        pos = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for epoch in torch.unique(pos // self.n).tolist():
+            sel = (pos // self.n) == epoch
+            out[sel] = self._permutation(epoch)[pos[sel] % self.n]
+        return out
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+class VisionPipeline:
+    def __init__(self, cfg: PretrainConfig):
+        from d2v.data.vision import BUILTIN, load_images, pixel_stats
+        from d2v.models.vision import auto_patch_size
+
+        self.cfg = cfg
+        split = "train" if cfg.data.source in BUILTIN else "all"  # built-ins keep their test split for probes
+        self.dataset = load_images(cfg.data.source, split, cfg.data.image_size, cfg.data.skip_bad_files)
+        if len(self.dataset) == 0:
+            raise DataError(f"data {cfg.data.source!r} holds no images")
+        c, h, _ = self.dataset.shape
+        m = cfg.model
+        if m.image_size and m.image_size != h:
+            raise ConfigError(f"the model expects {m.image_size}px images but the data has {h}px; set --image-size {m.image_size}")
+        m.image_size, m.in_chans = h, c
+        if m.patch_size <= 0:
+            m.patch_size = auto_patch_size(h)
+        if h % m.patch_size:
+            raise ConfigError(f"patch size {m.patch_size} does not divide the image size {h}; resize with --image-size")
+        if len(m.pixel_mean) != c:
+            m.pixel_mean, m.pixel_std = pixel_stats(self.dataset)
+        self.grid = (h // m.patch_size, h // m.patch_size)
+        self.order = SampleOrder(len(self.dataset), cfg.run.seed)
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skipped
+
+    def micro_batch(self, k: int) -> Batch:
+        """Micro-batch number k of the run (k = step * grad_accum + micro)."""
+        B = self.cfg.run.batch_size
+        idx = self.order.indices(k * B, B)
+        images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
+        mc = self.cfg.mask
+        mask = _masks(mc, B, self.grid, rng_for(self.cfg.run.seed, 1, k))
+        return Batch(inputs=images, mask=torch.from_numpy(mask))
+
+    def on_device(self, batch: Batch, k: int) -> Batch:
+        batch.inputs = random_resized_crop(batch.inputs, self.cfg.data.crop_scale, self.cfg.data.hflip,
+                                           rng_for(self.cfg.run.seed, 2, k))
+        return batch
+
+
+def _masks(mc, batch: int, grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    from d2v.masking import block_masks
+
+    if mc.kind != "block":
+        raise ConfigError(f"mask kind {mc.kind!r} is not available for images; use 'block'")
+    return block_masks(batch, grid, mc.ratio, rng, mc.min_block, mc.aspect_min)
+
+
+def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip: bool,
+                        rng: np.random.Generator) -> torch.Tensor:
+    """Per-sample random crop (area fraction in `scale`, aspect in [3/4, 4/3]) resized back, and optional flip.
+
+    Batched on the images' device with one grid_sample; parameters come from `rng` for reproducibility.
+    """
+    B = images.shape[0]
+    if tuple(scale) == (1.0, 1.0) and not hflip:
+        return images
+    area = rng.uniform(scale[0], scale[1], B)
+    log_ratio = rng.uniform(math.log(3 / 4), math.log(4 / 3), B)
+    w = np.minimum(np.sqrt(area * np.exp(log_ratio)), 1.0)  # fraction of the width kept
+    h = np.minimum(np.sqrt(area / np.exp(log_ratio)), 1.0)
+    cx = rng.uniform(-1, 1, B) * (1 - w)
+    cy = rng.uniform(-1, 1, B) * (1 - h)
+    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0) if hflip else np.ones(B)
+    theta = np.zeros((B, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    theta = torch.from_numpy(theta).to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def build_pipeline(cfg: PretrainConfig):
+    if cfg.modality == "vision":
+        return VisionPipeline(cfg)
+    raise ConfigError(f"unknown modality {cfg.modality!r}")
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batches first .. last - 1 of a pipeline, so a DataLoader can prepare them in worker processes."""
+
+    def __init__(self, pipeline, first: int, last: int):
+        self.pipeline, self.first, self.last = pipeline, first, last
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.pipeline.micro_batch(self.first + i)
+
+
+def collate_one(batch: Batch) -> Batch:
+    return batch

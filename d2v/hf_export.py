@@ -1,0 +1,85 @@
+"""d2v encoder weights -> Hugging Face transformers Data2Vec*Model layout (config dict + renamed tensors).
+
+transformers is not needed to convert; it is only needed to load the result."""
+from __future__ import annotations
+
+import torch
+
+
+def convert(model_cfg: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(config.json dict, tensors, extra JSON files) for the encoder's modality."""
+    modality = model_cfg["modality"]
+    if modality == "vision":
+        return _vision(model_cfg, state)
+    raise ValueError(f"no Hugging Face export for modality {modality!r}")
+
+
+def _vision(m: dict, state: dict[str, torch.Tensor]):
+    dim = m["dim"]
+    config = {
+        "architectures": ["Data2VecVisionModel"],
+        "model_type": "data2vec-vision",
+        "hidden_size": dim,
+        "num_hidden_layers": m["depth"],
+        "num_attention_heads": m["num_heads"],
+        "intermediate_size": int(dim * m["mlp_ratio"]),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": m["ln_eps"],
+        "image_size": m["image_size"],
+        "patch_size": m["patch_size"],
+        "num_channels": m["in_chans"],
+        "use_mask_token": True,
+        "use_absolute_position_embeddings": False,
+        "use_relative_position_bias": False,
+        "use_shared_relative_position_bias": True,
+        "layer_scale_init_value": m["layer_scale_init"],
+        "drop_path_rate": 0.0,
+        "use_mean_pooling": False,  # the final LayerNorm applies to every token, as in d2v
+    }
+    t = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": state["mask_token"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.bias"],
+        "encoder.relative_position_bias.relative_position_bias_table": state["rel_pos_bias.table"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    for i in range(m["depth"]):
+        s, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        q, k, v = state[s + "attn.qkv.weight"].chunk(3, dim=0)
+        t.update({
+            h + "attention.attention.query.weight": q,
+            h + "attention.attention.query.bias": state[s + "attn.q_bias"],
+            h + "attention.attention.key.weight": k,
+            h + "attention.attention.value.weight": v,
+            h + "attention.attention.value.bias": state[s + "attn.v_bias"],
+            h + "attention.output.dense.weight": state[s + "attn.proj.weight"],
+            h + "attention.output.dense.bias": state[s + "attn.proj.bias"],
+            h + "layernorm_before.weight": state[s + "norm1.weight"],
+            h + "layernorm_before.bias": state[s + "norm1.bias"],
+            h + "layernorm_after.weight": state[s + "norm2.weight"],
+            h + "layernorm_after.bias": state[s + "norm2.bias"],
+            h + "intermediate.dense.weight": state[s + "mlp.fc1.weight"],
+            h + "intermediate.dense.bias": state[s + "mlp.fc1.bias"],
+            h + "output.dense.weight": state[s + "mlp.fc2.weight"],
+            h + "output.dense.bias": state[s + "mlp.fc2.bias"],
+            h + "lambda_1": state[s + "gamma_1"],
+            h + "lambda_2": state[s + "gamma_2"],
+        })
+    c = m["in_chans"]
+    preprocessor = {
+        "image_processor_type": "BeitImageProcessor",
+        "do_resize": True,
+        "size": {"height": m["image_size"], "width": m["image_size"]},
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": m["pixel_mean"] or [0.5] * c,
+        "image_std": m["pixel_std"] or [0.5] * c,
+        "do_reduce_labels": False,
+    }
+    return config, {k: v.contiguous() for k, v in t.items()}, {"preprocessor_config.json": preprocessor}

@@ -1,0 +1,81 @@
+"""Masks: which positions the student does not see. Each returns a bool array, True = masked."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def block_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    rng: np.random.Generator,
+    min_block: int = 16,
+    aspect_min: float = 0.3,
+) -> np.ndarray:
+    """BEiT block-wise mask of one image: exactly `num_masked` of the (h, w) patches, as an (h, w) bool array.
+
+    Rectangles of at least `min_block` patches (capped by what is left of the budget), aspect ratio drawn
+    log-uniform in [aspect_min, 1 / aspect_min], are placed until the budget is met or no rectangle adds a
+    new patch; any remainder is masked patch by patch next to masked ones, so the count is always exact.
+    """
+    h, w = grid
+    if not 0 <= num_masked <= h * w:
+        raise ValueError(f"cannot mask {num_masked} of {h * w} patches")
+    mask = np.zeros((h, w), dtype=bool)
+    count = 0
+    log_lo, log_hi = math.log(aspect_min), math.log(1.0 / aspect_min)
+    stalls = 0
+    while count < num_masked and stalls < 10:
+        left = num_masked - count
+        lo = min(min_block, left)
+        added = 0
+        for _ in range(10):  # a few tries to find a rectangle that adds patches within the budget
+            area = rng.uniform(lo, left)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            bh = min(h, max(1, int(round(math.sqrt(area * aspect)))))
+            bw = min(w, max(1, int(round(math.sqrt(area / aspect)))))
+            top = int(rng.integers(0, h - bh + 1))
+            lft = int(rng.integers(0, w - bw + 1))
+            window = mask[top : top + bh, lft : lft + bw]
+            new = bh * bw - int(window.sum())
+            if 0 < new <= left:
+                window[...] = True
+                added = new
+                break
+        count += added
+        stalls = stalls + 1 if added == 0 else 0
+    if count < num_masked:
+        mask = _grow(mask, num_masked - count, rng)
+    return mask
+
+
+def _grow(mask: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
+    """Mask `extra` more patches, preferring unmasked neighbours of masked ones (keeps masks blocky)."""
+    flat = mask.reshape(-1)
+    while extra > 0:
+        near = np.zeros_like(mask)
+        near[1:] |= mask[:-1]
+        near[:-1] |= mask[1:]
+        near[:, 1:] |= mask[:, :-1]
+        near[:, :-1] |= mask[:, 1:]
+        candidates = np.flatnonzero(near.reshape(-1) & ~flat)
+        if candidates.size == 0:
+            candidates = np.flatnonzero(~flat)
+        take = rng.choice(candidates, size=min(extra, candidates.size), replace=False)
+        flat[take] = True
+        extra -= take.size
+    return mask
+
+
+def block_masks(
+    batch: int,
+    grid: tuple[int, int],
+    ratio: float,
+    rng: np.random.Generator,
+    min_block: int = 16,
+    aspect_min: float = 0.3,
+) -> np.ndarray:
+    """(batch, h * w) bool masks, each with exactly round(ratio * h * w) masked patches."""
+    num = int(round(ratio * grid[0] * grid[1]))
+    return np.stack([block_mask(grid, num, rng, min_block, aspect_min).reshape(-1) for _ in range(batch)])

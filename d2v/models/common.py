@@ -1,0 +1,52 @@
+"""Pieces every encoder shares: what an encoder returns to the objective, stochastic depth, weight init."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    """What the objective needs from an encoder pass.
+
+    hidden: (B, P + T, D) final states, P prefix tokens (vision: 1 CLS) before T positions that masks index.
+    layers: K candidate target sub-layer outputs (B, P + T, D) of the top K blocks, bottom to top.
+    padding_mask: (B, T) bool, True at padded positions, or None.
+    """
+
+    hidden: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+    num_prefix: int = 0
+    padding_mask: torch.Tensor | None = None
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples with probability p (training only)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def init_transformer_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal linear/conv/embedding weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

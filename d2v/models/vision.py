@@ -1,0 +1,171 @@
+"""The data2vec vision encoder: a pre-LN ViT (BEiT layout) with CLS token, LayerScale, q/v bias without k bias,
+and one relative position bias shared by all blocks (no absolute positions)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v.config import VisionModelConfig
+from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights
+
+
+def auto_patch_size(image_size: int, max_grid: int = 8) -> int:
+    """Smallest divisor >= 2 of image_size giving a grid of at most max_grid x max_grid patches."""
+    for p in range(min(2, image_size), image_size + 1):
+        if image_size % p == 0 and image_size // p <= max_grid:
+            return p
+    return image_size
+
+
+class RelativePositionBias(nn.Module):
+    """Learned bias per (relative offset, head) on a (h, w) patch grid, plus CLS->token, token->CLS, CLS->CLS."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        h, w = grid
+        self.num_distances = (2 * h - 1) * (2 * w - 1) + 3
+        self.table = nn.Parameter(torch.zeros(self.num_distances, num_heads))  # (R, H)
+        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+        rel[..., 0] += h - 1
+        rel[..., 1] += w - 1
+        rel[..., 0] *= 2 * w - 1
+        index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
+        index[1:, 1:] = rel.sum(-1)
+        index[0, :] = self.num_distances - 3
+        index[:, 0] = self.num_distances - 2
+        index[0, 0] = self.num_distances - 1
+        self.register_buffer("index", index, persistent=False)  # (N + 1, N + 1)
+
+    def forward(self) -> torch.Tensor:
+        n = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # (H, N + 1, N + 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))  # the key has no bias
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, Dh) each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x + gamma_1 * attn(LN(x)); x + gamma_2 * mlp(LN(x)). Returns (block output, FFN output)."""
+
+    def __init__(self, cfg: VisionModelConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.attn = Attention(cfg.dim, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        self.gamma_1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        self.gamma_2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), bias))
+        ffn = self.mlp(self.norm2(x))
+        return x + self.drop_path(self.gamma_2 * ffn), ffn
+
+
+class VisionEncoder(nn.Module):
+    """Images (B, C, H, W) in [0, 1] -> hidden states (B, 1 + N, D); normalizes pixels itself."""
+
+    num_prefix = 1
+
+    def __init__(self, cfg: VisionModelConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.grid = (cfg.image_size // cfg.patch_size,) * 2
+        self.num_patches = self.grid[0] * self.grid[1]
+        mean, std = cfg.pixel_mean or [0.5] * cfg.in_chans, cfg.pixel_std or [0.5] * cfg.in_chans
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.rel_pos_bias = RelativePositionBias(self.grid, cfg.num_heads)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        for i, block in enumerate(self.blocks, start=1):  # BEiT: shrink residual branches with depth
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "mask_token", "rel_pos_bias.table"}
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_layers: str | None = None,
+        top_k: int = 0,
+    ) -> EncoderOutput:
+        """images (B, C, H, W) in [0, 1]; mask (B, N) bool, True = replaced by the mask token.
+
+        output_layers: None, "block" (end of block) or "ffn" (FFN output); top_k: how many top blocks to return.
+        """
+        if images.dim() != 4 or images.shape[1:] != (self.cfg.in_chans, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(
+                f"expected images (B, {self.cfg.in_chans}, {self.cfg.image_size}, {self.cfg.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
+        bias = self.rel_pos_bias()  # (H, 1 + N, 1 + N)
+        first = len(self.blocks) - top_k
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, ffn = block(x, bias)
+            if output_layers is not None and i >= first:
+                layers.append(x if output_layers == "block" else ffn)
+        return EncoderOutput(hidden=self.norm(x), layers=layers, num_prefix=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, 1 + N, D), CLS first, as Hugging Face's Data2VecVisionModel returns them."""
+        return self.encode(images).hidden
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled patch representation (B, D)."""
+        return self.encode(images).hidden[:, 1:].mean(dim=1)

@@ -1,0 +1,138 @@
+"""The data2vec objective, for every modality: student on the masked view, EMA teacher on the full input,
+top-K layer targets at masked positions, regression head, loss, and the EMA schedule."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from d2v import ops
+from d2v.config import EMAConfig, TargetConfig
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the device.
+
+    inputs: what the teacher sees (images (B, C, H, W), waveforms (B, S), token ids (B, T)).
+    mask: (B, T) bool, True where the student must predict the target.
+    student_inputs: the corrupted view when masking happens on the input itself (text); else the student gets
+    `inputs` plus `mask` and replaces masked positions by its mask embedding.
+    padding_mask: (B, S) bool, True at padded input positions, or None.
+    """
+
+    inputs: torch.Tensor
+    mask: torch.Tensor
+    student_inputs: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.inputs), move(self.mask), move(self.student_inputs), move(self.padding_mask))
+
+
+def ema_decay(cfg: EMAConfig, step: int) -> float:
+    """tau at optimizer update `step`: linear from cfg.decay to cfg.end_decay over anneal_steps, then held."""
+    if cfg.anneal_steps <= 0 or step >= cfg.anneal_steps:
+        return cfg.end_decay
+    return cfg.decay + (cfg.end_decay - cfg.decay) * step / cfg.anneal_steps
+
+
+def build_head(kind: str, dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(dim, dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+    raise ValueError(f"unknown head {kind!r}; expected 'linear' or 'mlp'")
+
+
+def _masked_std(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean over features of the std over masked rows; x (B, T, D), w (B, T, 1) in {0, 1}. No host sync."""
+    n = w.sum().clamp_min(2.0)
+    x = x.float()
+    mean = (x * w).sum(dim=(0, 1)) / n
+    var = (((x - mean) * w) ** 2).sum(dim=(0, 1)) / (n - 1)
+    return torch.sqrt(var + 1e-6).mean()
+
+
+class Data2Vec(nn.Module):
+    """student + EMA teacher + regression head. forward(batch) -> (loss, stats)."""
+
+    def __init__(self, encoder: nn.Module, targets: TargetConfig, ema: EMAConfig, backend: str = "auto"):
+        super().__init__()
+        if not 1 <= targets.top_k <= len(encoder.blocks):
+            raise ValueError(f"top_k must be between 1 and the encoder depth {len(encoder.blocks)}, got {targets.top_k}")
+        self.student = encoder
+        self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
+        self.head = build_head(targets.head, encoder.dim)
+        self.targets_cfg = targets
+        self.ema_cfg = ema
+        self.backend = backend
+        self.loss_scale = {"one": 1.0, "inv_dim": 1.0 / encoder.dim, "inv_sqrt_dim": 1.0 / math.sqrt(encoder.dim)}[
+            targets.loss_scale
+        ]
+        self._pairs = self._ema_pairs()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout or drop-path
+        return self
+
+    def _ema_pairs(self):
+        """(averaged teacher/student pairs, shared teacher/student pairs) of parameters and buffers."""
+        shared = tuple(self.ema_cfg.shared)
+        student = dict(self.student.named_parameters())
+        averaged, copied = [], []
+        for name, t in self.teacher.named_parameters():
+            (copied if name.startswith(shared) and shared else averaged).append((t, student[name]))
+        s_buffers = dict(self.student.named_buffers())
+        copied += [(t, s_buffers[name]) for name, t in self.teacher.named_buffers() if t.is_floating_point()]
+        return averaged, copied
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pairs = self._ema_pairs()  # .to() / .cuda() may replace parameter tensors
+        return self
+
+    @torch.no_grad()
+    def ema_step(self, step: int) -> float:
+        """Move the teacher towards the student after optimizer update `step`; shared tensors are copied."""
+        decay = ema_decay(self.ema_cfg, step)
+        averaged, copied = self._pairs
+        if averaged:
+            ops.ema_update_([t for t, _ in averaged], [s for _, s in averaged], decay, backend=self.backend)
+        for t, s in copied:
+            t.copy_(s)
+        return decay
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.targets_cfg
+        if batch.student_inputs is not None:
+            out = self.student.encode(batch.student_inputs, padding_mask=batch.padding_mask)
+        else:
+            out = self.student.encode(batch.inputs, mask=batch.mask, padding_mask=batch.padding_mask)
+        # The head runs on every position and the loss selects masked rows: no data-dependent shapes, no sync.
+        pred = self.head(out.hidden[:, out.num_prefix :])  # (B, T, D)
+        with torch.no_grad():
+            t_out = self.teacher.encode(
+                batch.inputs, padding_mask=batch.padding_mask, output_layers=cfg.layer, top_k=cfg.top_k
+            )
+            layers = [layer[:, t_out.num_prefix :] for layer in t_out.layers]  # K x (B, T, D)
+            target = ops.targets(
+                layers, cfg.norm, cfg.final_norm, padding_mask=t_out.padding_mask, eps=cfg.eps, backend=self.backend
+            )  # (B, T, D) fp32
+        mask = batch.mask if out.padding_mask is None else batch.mask & ~out.padding_mask
+        loss = ops.masked_regression_loss(
+            pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend
+        )
+        with torch.no_grad():
+            w = mask.unsqueeze(-1).float()
+            stats = {
+                "target_std": _masked_std(target, w),
+                "pred_std": _masked_std(pred.detach(), w),
+                "masked": w.sum(),
+            }
+        return loss, stats
