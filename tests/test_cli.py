@@ -1,0 +1,163 @@
+"""The d2v command line as a user drives it: pretrain -> export -> load_encoder / probe, and every error path
+(one sentence, non-zero exit, no traceback)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_cli_args
+from d2v.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def fails_with(result, text):
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output and text in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run("pretrain", "--modality", "vision", "--out", out, *tiny_cli_args())
+    assert result.exit_code == 0, result.output
+    assert "pretrain summary" in result.output and "samples/s" in result.output
+    return out
+
+
+def test_pretrain_export_load_probe(run_dir, tmp_path):
+    import d2v
+
+    out = tmp_path / "enc"
+    result = run("export", "checkpoint", run_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    enc = d2v.load_encoder(out)
+    assert not enc.training
+    images = torch.rand(5, 1, 8, 8)
+    assert enc(images).shape == (5, 17, 32) and enc.embed(images).shape == (5, 32)
+    # The exported encoder is the run's student, weight for weight.
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(run_dir / "checkpoints" / "step_00000008" / "model.safetensors"))
+    for name, value in enc.state_dict().items():
+        assert torch.equal(value, ckpt[f"student.{name}"]), name
+    # The Hugging Face directory loads in transformers and gives the same hidden states.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Data2VecVisionModel.from_pretrained(out / "hf").eval()
+    with torch.no_grad():
+        want = hf(pixel_values=(images - enc.pixel_mean) / enc.pixel_std).last_hidden_state
+    torch.testing.assert_close(enc(images), want, atol=1e-5, rtol=1e-4)
+
+    js = tmp_path / "probe.json"
+    result = run("probe", out, "--data", "digits", "--json", js)
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    probe = json.loads(js.read_text())
+    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["n_classes"] == 10 and probe["feature_dim"] == 32
+    assert run("probe", out, "--random-init", "--max-train", "300").exit_code == 0
+
+
+def test_teacher_export_differs(run_dir, tmp_path):
+    import d2v
+
+    run("export", "checkpoint", run_dir, "--out", tmp_path / "s", "--no-hf")
+    run("export", "checkpoint", run_dir, "--out", tmp_path / "t", "--weights", "teacher", "--no-hf")
+    s, t = d2v.load_encoder(tmp_path / "s"), d2v.load_encoder(tmp_path / "t")
+    assert not torch.equal(s.blocks[0].mlp.fc1.weight, t.blocks[0].mlp.fc1.weight)
+    assert not (tmp_path / "s" / "hf").exists()
+
+
+def test_dry_run_prints_resolved_config(tmp_path):
+    result = run("pretrain", "--dry-run", "--out", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output)
+    assert cfg["preset"] == "tiny" and cfg["model"]["image_size"] == 8 and cfg["model"]["patch_size"] == 2
+    assert cfg["model"]["pixel_mean"] and not (tmp_path / "x").exists()
+
+
+def test_presets_follow_spec():
+    result = run("pretrain", "--preset", "base", "--dry-run", "--image-size", "32", "--set", "model.patch_size=16")
+    cfg = json.loads(result.output)
+    m, t = cfg["model"], cfg["targets"]
+    assert (m["dim"], m["depth"], m["num_heads"], m["ln_eps"]) == (768, 12, 12, 1e-6)
+    assert (t["top_k"], t["loss_beta"], t["norm"], t["final_norm"]) == (6, 2.0, "layer", "layer")
+    assert cfg["mask"]["ratio"] == 0.6 and cfg["ema"]["decay"] == 0.9998 and cfg["optim"]["lr"] == 2e-3
+    large = json.loads(run("pretrain", "--preset", "large", "--dry-run", "--image-size", "32",
+                           "--set", "model.patch_size=16").output)["model"]
+    assert (large["dim"], large["depth"], large["num_heads"]) == (1024, 24, 16)
+
+
+def test_npy_and_folder_data(tmp_path):
+    from PIL import Image
+
+    arr = (np.random.rand(40, 12, 12) * 255).astype(np.uint8)
+    np.save(tmp_path / "x.npy", arr)
+    result = run("pretrain", "--data", tmp_path / "x.npy", "--out", tmp_path / "r1", *tiny_cli_args(), "--steps", "2")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((np.random.rand(10, 10, 3) * 255).astype(np.uint8)).save(folder / cls / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    result = run("pretrain", "--data", folder, "--out", tmp_path / "r2", *tiny_cli_args(), "--steps", "2")
+    fails_with(result, "broken.png")
+    result = run("pretrain", "--data", folder, "--out", tmp_path / "r2", *tiny_cli_args(), "--steps", "2",
+                 "--skip-bad-files")
+    assert result.exit_code == 0, result.output
+    assert "skipped files" in result.output
+    cfg = json.loads((tmp_path / "r2" / "config.json").read_text())
+    assert cfg["model"]["in_chans"] == 3 and cfg["model"]["image_size"] == 10
+    # A labelled folder works for the probe too (classes = sub-folders).
+    result = run("probe", tmp_path / "r2", "--data", folder)
+    fails_with(result, "broken.png")
+
+
+def test_error_paths(run_dir, tmp_path):
+    fails_with(run("pretrain", "--data", tmp_path / "nope"), "neither a built-in dataset")
+    fails_with(run("pretrain", "--preset", "huge"), "unknown vision preset 'huge'")
+    fails_with(run("pretrain", "--resume"), "--resume needs --out")
+    fails_with(run("pretrain", "--resume", "--out", tmp_path / "empty"), "not a d2v run directory")
+    fails_with(run("pretrain", "--out", run_dir, *tiny_cli_args()), "already holds a run")
+    fails_with(run("pretrain", "--resume", "--out", run_dir, "--lr", "0.5"), "cannot change when resuming")
+    fails_with(run("pretrain", "--steps", "0"), "--steps must be at least 1")
+    fails_with(run("pretrain", "--set", "optim.nope=1"), "unknown config field")
+    fails_with(run("pretrain", "--set", "optim.lr=fast"), "optim.lr expects")
+    fails_with(run("pretrain", "--kernels", "cuda", "--out", tmp_path / "k", *tiny_cli_args()), "unavailable")
+    if not torch.cuda.is_available():
+        fails_with(run("pretrain", "--device", "cuda", "--out", tmp_path / "d", *tiny_cli_args()), "no CUDA device")
+    bad_precision = run("pretrain", "--precision", "fp8")
+    assert bad_precision.exit_code == 2 and "fp8" in bad_precision.output
+    np.save(tmp_path / "bad.npy", np.zeros((3, 5)))
+    fails_with(run("pretrain", "--data", tmp_path / "bad.npy"), "must hold images")
+    fails_with(run("export", "checkpoint", tmp_path, "--out", tmp_path / "e"), "not a d2v run directory")
+    np.save(tmp_path / "unlabelled.npy", np.zeros((10, 8, 8), dtype=np.uint8))
+    fails_with(run("probe", run_dir, "--data", tmp_path / "unlabelled.npy"), "has no labels")
+    fails_with(run("probe", tmp_path / "missing"), "no config.json")
+
+
+def test_fashion_mnist_missing_package_is_named(monkeypatch, tmp_path):
+    from d2v.data import vision
+
+    monkeypatch.setattr(vision, "FASHION_MNIST_DIRS", [tmp_path / "none"])
+    fails_with(run("pretrain", "--data", "fashion-mnist"), "dataset-fashion-mnist")
+
+
+def test_resume_continues_a_finished_run_with_more_nothing(run_dir):
+    result = run("pretrain", "--resume", "--out", run_dir, "--no-progress")
+    assert result.exit_code == 0, result.output  # already at its last step: nothing to do, still a summary
+    assert "8 / 8" in result.output
+
+
+def test_env_lists_backends():
+    result = run("env")
+    assert result.exit_code == 0
+    assert "torch" in result.output and "op backends" in result.output and "auto on cpu" in result.output
