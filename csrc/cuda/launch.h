@@ -1,0 +1,76 @@
+// Host launchers of the d2v CUDA kernels: raw pointers, sizes and a stream, no torch types.
+//
+// The .cu files implementing these need only the CUDA toolkit, so they compile (nvcc -c) on any machine; the
+// ATen-facing glue (ops_cuda.cpp) is compiled only against a CUDA build of torch. Every launcher returns the
+// launch status (cudaGetLastError) for the caller to check. Offsets are 64-bit; any D >= 1.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace d2v::cuda {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum class NormKind : int { None = 0, Layer = 1, Instance = 2 };
+
+// ------------------------------------------------------------------------------------------------ targets
+constexpr int kMaxLayersPerLaunch = 16;  // more layers are summed over several launches
+
+struct LayerTable {
+  const void* ptr[kMaxLayersPerLaunch];  // each (B, T, D) contiguous, of one dtype
+  const float* mean[kMaxLayersPerLaunch];  // instance norm only: (B, D) statistics of each layer
+  const float* rstd[kMaxLayersPerLaunch];
+  int count;
+};
+
+// mean, rstd (B, D) fp32: per-channel statistics of x (B, T, D) over the steps where pad (B, T) is false
+// (all steps when pad is null); biased variance, rstd = 1/sqrt(var + eps).
+cudaError_t instance_stats(const void* x, DType dtype, const bool* pad, int64_t B, int64_t T, int64_t D, float eps,
+                           float* mean, float* rstd, cudaStream_t stream);
+
+// For every row r of B*T with dest_row[r] >= 0 (every row, at r, when dest_row is null):
+//   dest[o] = (accumulate ? dest[o] : 0) + sum over the table's layers of norm(layer[r])
+// and when `finalize`: dest[o] *= inv_k, then a layer norm of the row if `final_layer`.
+cudaError_t targets_rows(const LayerTable& layers, DType dtype, NormKind norm, int64_t B, int64_t T, int64_t D,
+                         float eps, const int64_t* dest_row, float* dest, bool accumulate, bool finalize, float inv_k,
+                         bool final_layer, cudaStream_t stream);
+
+// out[o] = (y[r] - mean[b]) * rstd[b] for rows r of y (B, T, D) fp32 with o = dest_row[r] >= 0 (or o = r); out
+// may be y itself when dest_row is null.
+cudaError_t instance_apply(const float* y, const float* mean, const float* rstd, int64_t B, int64_t T, int64_t D,
+                           const int64_t* dest_row, float* out, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------ EMA
+constexpr int64_t kEmaChunk = 4096;  // elements per block
+
+struct EmaTensor {
+  float* teacher;
+  const void* student;
+  int64_t numel;
+  DType student_dtype;
+};
+
+struct EmaChunk {
+  int64_t tensor;  // index into the tensor table
+  int64_t begin;   // first element, a multiple of kEmaChunk
+};
+
+// teacher += w * (student - teacher) over every chunk, in one launch. `tensors` and `chunks` are device arrays
+// (the caller copies both tables to the device in one transfer).
+cudaError_t ema_update(const EmaTensor* tensors, const EmaChunk* chunks, int64_t num_chunks, float w,
+                       cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------ loss
+// Blocks the loss kernel runs with for R rows: the length of the `partials` workspace.
+int regression_loss_blocks(int64_t R);
+
+// Loss over rows r of pred/target (R, D) with mask[r] set (all rows when mask is null), and, when grad is not
+// null, grad (R, D) in pred's dtype: d(loss)/d(pred), zero on unselected rows. Forward and backward are one
+// kernel; the "mean" count is taken on the device. Workspace: partials (regression_loss_blocks(R) floats),
+// counters (2 x uint64, zeroed by the caller). Writes the fp32 scalar *loss. No host synchronization.
+cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* target, DType target_dtype,
+                            const bool* mask, int64_t R, int64_t D, float beta, float scale, bool mean, void* grad,
+                            float* loss, float* partials, unsigned long long* counters, cudaStream_t stream);
+
+}  // namespace d2v::cuda
