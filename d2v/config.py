@@ -30,6 +30,25 @@ class VisionModelConfig:
 
 
 @dataclass
+class TextModelConfig:
+    """RoBERTa-style post-LN Transformer: token + learned position embedding -> LayerNorm -> dropout -> blocks."""
+
+    modality: str = "text"
+    vocab_size: int = 0  # 0: from the tokenizer trained on the corpus
+    max_length: int = 512  # tokens per sequence; position table = max_length + 2 (RoBERTa offsets by pad_id + 1)
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    ln_eps: float = 1e-5
+    pad_id: int = 1  # <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, RoBERTa's order
+    mask_id: int = 4
+    tokenizer_sha256: str = ""  # of the tokenizer the embeddings belong to; set when the tokenizer is trained
+
+
+@dataclass
 class MaskConfig:
     """Which positions the student does not see."""
 
@@ -37,6 +56,9 @@ class MaskConfig:
     ratio: float = 0.6
     min_block: int = 16  # smallest rectangle, in patches
     aspect_min: float = 0.3  # aspect ratio drawn log-uniform in [aspect_min, 1 / aspect_min]
+    span_length: int = 4  # text "span": masked tokens come in runs of this many
+    random_token: float = 0.1  # text: share of masked tokens replaced by a random token (BERT)
+    unchanged: float = 0.1  # text: share of masked tokens left as they are (BERT); the rest become <mask>
 
 
 @dataclass
@@ -83,6 +105,8 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, area fraction (1, 1): none
     hflip: bool = True
     skip_bad_files: bool = False
+    vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
+    doc_per_line: bool = False  # text: one document per line (else one per file)
     num_workers: int = 0
 
 
@@ -121,7 +145,7 @@ class PretrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig}
+MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig, "text": TextModelConfig}
 
 
 def from_dict(cls: type, data: dict[str, Any]):
