@@ -5,8 +5,6 @@ extension is missing; `status(backend)` says whether it can run and why not.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -15,8 +13,9 @@ except Exception as exc:  # not built (D2V_BUILD_EXT=0, no compiler, failed buil
     _C = None
     _why = f"{type(exc).__name__}: {exc}".splitlines()[0]
     _LOAD_ERROR = (
-        f"d2v._C was not built (D2V_BUILD_EXT={os.environ.get('D2V_BUILD_EXT', 'auto')} at install time?): {_why}; "
-        "reinstall with `D2V_BUILD_EXT=1 pip install --no-build-isolation -e .` to see the build error"
+        f"d2v._C was not built or does not load ({_why}): it is skipped under D2V_BUILD_EXT=0 and after a failed "
+        "build under the default D2V_BUILD_EXT=auto; `D2V_BUILD_EXT=1 pip install --no-build-isolation -e .` "
+        "builds it or shows the error"
     )
 else:
     _LOAD_ERROR = ""
