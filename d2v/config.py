@@ -49,6 +49,32 @@ class TextModelConfig:
 
 
 @dataclass
+class SpeechModelConfig:
+    """wav2vec 2.0 layout: conv feature extractor (LayerNorm mode) -> projection -> conv positions -> post-LN blocks.
+
+    Takes 16 kHz waveforms and normalizes each utterance itself (zero mean, unit variance over valid samples).
+    """
+
+    modality: str = "speech"
+    conv_dim: list[int] = field(default_factory=lambda: [512] * 7)
+    conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
+    conv_stride: list[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])  # 320 samples = 20 ms a frame
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    pos_conv_depth: int = 5
+    pos_conv_kernel: int = 19
+    pos_conv_groups: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.05  # whole blocks skipped in training; the teacher never drops
+    ln_eps: float = 1e-5
+    sample_rate: int = 16000
+
+
+@dataclass
 class MaskConfig:
     """Which positions the student does not see."""
 
@@ -56,7 +82,8 @@ class MaskConfig:
     ratio: float = 0.6
     min_block: int = 16  # smallest rectangle, in patches
     aspect_min: float = 0.3  # aspect ratio drawn log-uniform in [aspect_min, 1 / aspect_min]
-    span_length: int = 4  # text "span": masked tokens come in runs of this many
+    span_length: int = 4  # text "span": masked tokens come in runs of this many; speech: frames per span (10)
+    span_prob: float = 0.065  # speech "span": chance that a frame starts a span (wav2vec 2.0)
     random_token: float = 0.1  # text: share of masked tokens replaced by a random token (BERT)
     unchanged: float = 0.1  # text: share of masked tokens left as they are (BERT); the rest become <mask>
 
@@ -107,6 +134,7 @@ class DataConfig:
     skip_bad_files: bool = False
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
     doc_per_line: bool = False  # text: one document per line (else one per file)
+    crop_seconds: float = 15.625  # speech: random crops of at most this long (wav2vec 2.0: 250k samples)
     num_workers: int = 0
 
 
@@ -145,7 +173,7 @@ class PretrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig, "text": TextModelConfig}
+MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig, "text": TextModelConfig, "speech": SpeechModelConfig}
 
 
 def from_dict(cls: type, data: dict[str, Any]):
