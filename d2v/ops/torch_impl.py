@@ -12,19 +12,21 @@ the autograd wrapper in d2v.ops scales it by the incoming gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _normalize_(y: torch.Tensor, kind: str, w: torch.Tensor | None, n: torch.Tensor | None, eps: float):
-    """Normalize fp32 y (B, T, D); w (B, T, 1) valid-step weights and n (B, 1, 1) their count for instance norm."""
+    """Normalize fp32 y (B, T, D); w (B, T, 1) valid-step weights and n (B, 1, 1) their count for instance norm.
+
+    Uses torch's fused layer/instance norm kernels (fp32 math) where no padding is involved.
+    """
     if kind == "layer":
-        var, mean = torch.var_mean(y, dim=-1, keepdim=True, correction=0)
-        return (y - mean) * torch.rsqrt(var + eps)
+        return F.layer_norm(y, y.shape[-1:], eps=eps)
     if kind == "instance":
         if w is None:
-            var, mean = torch.var_mean(y, dim=1, keepdim=True, correction=0)
-        else:
-            mean = (y * w).sum(dim=1, keepdim=True) / n
-            var = (((y - mean) * w) ** 2).sum(dim=1, keepdim=True) / n
+            return F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
+        mean = (y * w).sum(dim=1, keepdim=True) / n
+        var = (((y - mean) * w) ** 2).sum(dim=1, keepdim=True) / n
         return (y - mean) * torch.rsqrt(var + eps)
     return y
 
