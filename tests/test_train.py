@@ -155,3 +155,13 @@ def test_shared_parameters_are_copied_not_averaged():
     student = model.student.state_dict()
     assert torch.equal(new["patch_embed.weight"], student["patch_embed.weight"])
     torch.testing.assert_close(new["cls_token"] - old["cls_token"], 0.5 * (student["cls_token"] - old["cls_token"]))
+
+
+@pytest.mark.triton
+def test_pretrain_with_triton_kernels(tmp_path):
+    """--kernels triton through the whole loop (on the CPU: Triton's interpreter, set up by conftest)."""
+    pytest.importorskip("triton")
+    s = pretrain(tiny_config(**{"run.steps": 3, "run.kernels": "triton"}), out=tmp_path / "run", progress=False)
+    assert s.steps == 3 and torch.isfinite(torch.tensor(s.final_loss))
+    ref = pretrain(tiny_config(**{"run.steps": 3, "run.kernels": "torch"}), out=tmp_path / "ref", progress=False)
+    assert abs(s.final_loss - ref.final_loss) < 1e-3 * max(1.0, abs(ref.final_loss))
