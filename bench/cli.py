@@ -42,7 +42,7 @@ def kernels(
     unknown = [o for o in chosen if o not in OPS]
     if unknown:
         raise typer.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--ops")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 170)  # full table when piped to a log
     try:
         result = run(quick=quick, device=device, include_interpreter=include_interpreter, compile_=compile_,
                      runs=runs, ops=chosen, on_row=lambda r: console.print(
@@ -55,7 +55,7 @@ def kernels(
     meta = result["meta"]
     table = Table(title=f"d2v kernels on {meta['device_name']} ({meta['device']}), copy {meta['copy_gbps']:.1f} GB/s")
     for col in ("op", "case", "impl", "median ms", "MB", "GB/s", "% copy", "vs eager", "vs compile"):
-        table.add_column(col, justify="left" if col in ("op", "case", "impl") else "right", no_wrap=col != "case")
+        table.add_column(col, justify="left" if col in ("op", "case", "impl") else "right", no_wrap=True)
     for r in result["rows"]:
         table.add_row(r["op"], r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{r['bytes'] / 1e6:.1f}",
                       f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}", _fmt(r["speedup_vs_eager"], ".2f"),

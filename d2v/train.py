@@ -165,6 +165,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        for name, data in getattr(pipeline, "run_files", dict)().items():  # data-made files, e.g. a tokenizer
+            ckpt.atomic_write_bytes(run_dir / name, data)
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
 
@@ -238,6 +240,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
                         interrupted = True
                         break
                 bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
+            else:
+                bar.update(step)
             if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
                 saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
             if stop.set:
