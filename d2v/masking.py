@@ -79,3 +79,34 @@ def block_masks(
     """(batch, h * w) bool masks, each with exactly round(ratio * h * w) masked patches."""
     num = int(round(ratio * grid[0] * grid[1]))
     return np.stack([block_mask(grid, num, rng, min_block, aspect_min).reshape(-1) for _ in range(batch)])
+
+
+def span_masks(
+    lengths: np.ndarray,
+    num_frames: int,
+    rng: np.random.Generator,
+    span_prob: float = 0.065,
+    span_length: int = 10,
+) -> np.ndarray:
+    """wav2vec 2.0 span masks: (B, num_frames) bool, equal masked counts across the batch, never in padding.
+
+    Row b has lengths[b] valid frames; int(span_prob * length + u) span starts (u uniform, at least 1) are drawn
+    without replacement and each masks the next span_length frames (cut to the valid length), so with p = 0.065
+    and length 10 about 1 - (1 - p)^10 = 49% of frames end up masked. Every row then keeps as many masked frames
+    as the row with fewest, dropping the others at random, as fairseq does with require_same_masks.
+    """
+    B = len(lengths)
+    mask = np.zeros((B, num_frames), dtype=bool)
+    for b, n in enumerate(int(v) for v in lengths):
+        if n <= 0:
+            continue
+        span = min(span_length, n)
+        num = max(1, int(span_prob * n + rng.random()))
+        starts = rng.choice(n - span + 1, size=min(num, n - span + 1), replace=False)
+        mask[b, (starts[:, None] + np.arange(span)).reshape(-1)] = True
+    counts = mask.sum(axis=1)
+    target = counts[np.asarray(lengths) > 0].min(initial=num_frames)
+    for b in np.flatnonzero(counts > target):
+        drop = rng.choice(np.flatnonzero(mask[b]), size=counts[b] - target, replace=False)
+        mask[b, drop] = False
+    return mask

@@ -24,6 +24,54 @@ _VISION_CPU = {
     "run.log_every": 10,
 }
 
+# Speech: ../shared/SPEC.md's data2vec Base recipe (fairseq data2vec audio, LibriSpeech); tiny and small are sized for
+# CPU work on the embedded synthesized speech. Gradient clipping: off, as the fairseq recipe (no clip_norm).
+_SPEECH = {
+    "data.source": "default",
+    "data.crop_seconds": 15.625,  # 250k samples
+    "mask.kind": "span",
+    "mask.span_length": 10,
+    "mask.span_prob": 0.065,
+    "targets.top_k": 8,
+    "targets.layer": "ffn",
+    "targets.norm": "instance",
+    "targets.final_norm": "none",
+    "targets.loss_beta": 0.0,
+    "targets.loss_scale": "inv_sqrt_dim",
+    "targets.head": "linear",
+    "ema.decay": 0.999,
+    "ema.end_decay": 0.9999,
+    "ema.anneal_steps": 30_000,
+    # The teacher uses the student's conv front end and position convs (fairseq: ema_transformer_only, layers_only).
+    "ema.shared": ["feature_extractor.", "feature_projection.", "pos_conv."],
+    "optim.lr": 5e-4,
+    "optim.betas": (0.9, 0.98),
+    "optim.eps": 1e-6,
+    "optim.weight_decay": 0.01,
+    "optim.schedule": "tri_stage",
+    "optim.warmup_fraction": 0.03,
+    "optim.hold_fraction": 0.9,
+    "optim.final_lr_ratio": 0.05,
+    "optim.clip_grad": 0.0,
+    "run.steps": 400_000,
+    "run.batch_size": 256,  # about 63 min of audio per update in the recipe (16 GPUs x 3.8M samples)
+}
+_SPEECH_CPU = {
+    **_SPEECH,
+    "data.crop_seconds": 1.5,
+    "model.pos_conv_depth": 2,
+    "model.layerdrop": 0.0,
+    "ema.decay": 0.99,
+    "ema.end_decay": 0.999,
+    "optim.lr": 1e-3,
+    "optim.schedule": "cosine",
+    "optim.warmup_fraction": 0.1,
+    "optim.hold_fraction": 0.0,
+    "optim.final_lr_ratio": 0.0,
+    "run.batch_size": 8,
+    "run.log_every": 10,
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "vision": {
         "tiny": {
@@ -52,9 +100,41 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model.num_heads": 16,
         },
     },
+    "speech": {
+        "tiny": {
+            **_SPEECH_CPU,
+            "model.conv_dim": [64, 64, 128, 128, 128, 128, 128],  # the 3200 Hz first layers dominate CPU time
+            "model.dim": 96,
+            "model.depth": 4,
+            "model.num_heads": 4,
+            "model.ffn_dim": 384,
+            "targets.top_k": 3,
+            "ema.anneal_steps": 200,
+            "run.steps": 200,
+        },
+        "small": {
+            **_SPEECH_CPU,
+            "model.conv_dim": [128, 128, 256, 256, 256, 256, 256],
+            "model.dim": 192,
+            "model.depth": 4,
+            "model.num_heads": 4,
+            "model.ffn_dim": 768,
+            "targets.top_k": 4,
+            "ema.anneal_steps": 1000,
+            "run.steps": 1000,
+        },
+        "base": dict(_SPEECH),
+        "large": {
+            **_SPEECH,
+            "model.dim": 1024,
+            "model.depth": 24,
+            "model.num_heads": 16,
+            "model.ffn_dim": 4096,
+        },
+    },
 }
 
-DEFAULT_PRESET = {"vision": "tiny"}
+DEFAULT_PRESET = {"vision": "tiny", "speech": "tiny"}
 
 
 def modalities() -> list[str]:

@@ -13,6 +13,10 @@ def build_encoder(model_cfg) -> nn.Module:
         from d2v.models.vision import VisionEncoder
 
         return VisionEncoder(model_cfg)
+    if model_cfg.modality == "speech":
+        from d2v.models.speech import SpeechEncoder
+
+        return SpeechEncoder(model_cfg)
     raise ValueError(f"unknown modality {model_cfg.modality!r}")
 
 

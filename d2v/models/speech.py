@@ -1,0 +1,241 @@
+"""The data2vec speech encoder: wav2vec 2.0 layout. A 7-layer conv feature extractor (LayerNorm mode, 20 ms frames
+at 16 kHz), LayerNorm + Linear projection, a 5-layer convolutional position encoder, post-LN Transformer blocks."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v.config import SpeechModelConfig
+from d2v.models.common import EncoderOutput, init_transformer_weights
+
+WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
+
+
+def conv_output_lengths(lengths, kernels: list[int], strides: list[int]):
+    """Frames the feature extractor makes of `lengths` samples (int, numpy or torch integers); 0 when too short."""
+    for k, s in zip(kernels, strides):
+        lengths = (lengths - k) // s + 1
+    if isinstance(lengths, int):
+        return max(lengths, 0)
+    return lengths.clip(min=0)
+
+
+def receptive_field(kernels: list[int], strides: list[int]) -> int:
+    """Samples one frame sees (400 for the wav2vec 2.0 stack); also the shortest input that gives a frame."""
+    r = 1
+    for k, s in zip(reversed(kernels), reversed(strides)):
+        r = (r - 1) * s + k
+    return r
+
+
+def frame_padding_mask(sample_padding: torch.Tensor, num_frames: int, cfg: SpeechModelConfig) -> torch.Tensor:
+    """(B, S) bool sample padding mask (True = padded) -> (B, T) frame padding mask from the conv formula.
+
+    A frame t < conv_output_lengths(valid samples) sees only valid samples, so its value never depends on padding.
+    """
+    valid = (~sample_padding).sum(dim=1)
+    frames = conv_output_lengths(valid, cfg.conv_kernel, cfg.conv_stride)
+    return torch.arange(num_frames, device=sample_padding.device)[None, :] >= frames[:, None]
+
+
+def normalize_waveform(wave: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero mean, unit variance per utterance over its valid samples; padded samples become 0. (B, S) fp32."""
+    wave = wave.float()
+    if padding_mask is None:
+        mean = wave.mean(dim=1, keepdim=True)
+        var = wave.var(dim=1, unbiased=False, keepdim=True)
+        return (wave - mean) / torch.sqrt(var + WAVE_EPS)
+    w = (~padding_mask).float()
+    n = w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    mean = (wave * w).sum(dim=1, keepdim=True) / n
+    var = (((wave - mean) * w) ** 2).sum(dim=1, keepdim=True) / n
+    return (wave - mean) / torch.sqrt(var + WAVE_EPS) * w
+
+
+class ConvLayer(nn.Module):
+    """Conv1d (no bias) -> LayerNorm over channels -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
+        self.norm = nn.LayerNorm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, S) -> (B, C_out, S')
+        x = self.conv(x)
+        return F.gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class FeatureExtractor(nn.Module):
+    """Normalized waveform (B, S) -> conv features (B, T, C)."""
+
+    def __init__(self, cfg: SpeechModelConfig):
+        super().__init__()
+        dims = [1] + list(cfg.conv_dim)
+        self.layers = nn.ModuleList(
+            ConvLayer(dims[i], dims[i + 1], k, s) for i, (k, s) in enumerate(zip(cfg.conv_kernel, cfg.conv_stride))
+        )
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = wave.unsqueeze(1)  # (B, 1, S)
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(1, 2)  # (B, T, C)
+
+
+class FeatureProjection(nn.Module):
+    def __init__(self, c: int, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=eps)
+        self.proj = nn.Linear(c, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, D)
+        return self.proj(self.norm(x))
+
+
+class PositionalConv(nn.Module):
+    """depth x [Conv1d (kernel k, 'same' padding, groups) -> LayerNorm without affine -> GELU]; (B, T, D) -> same."""
+
+    def __init__(self, dim: int, depth: int, kernel: int, groups: int):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"pos_conv_kernel must be odd (same-length output), got {kernel}")
+        self.layers = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)  # (B, D, T)
+        for conv in self.layers:
+            x = conv(x)
+            x = F.gelu(F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2))
+        return x.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D); keep (B, 1, 1, T) bool, True at keys that may be attended, or None."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Post-LN: x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(gelu(fc1(x))))). Returns (x, FFN output fc2)."""
+
+    def __init__(self, cfg: SpeechModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg.dim, cfg.num_heads, cfg.attention_dropout)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.act_dropout = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm1(x + self.dropout(self.attn(x, keep)))
+        ffn = self.fc2(self.act_dropout(F.gelu(self.fc1(x))))  # the data2vec target: before dropout and residual
+        return self.norm2(x + self.dropout(ffn)), ffn
+
+
+class SpeechEncoder(nn.Module):
+    """Waveforms (B, S) at 16 kHz -> frame states (B, T, D), T = conv_output_lengths(S); normalizes input itself."""
+
+    num_prefix = 0
+
+    def __init__(self, cfg: SpeechModelConfig):
+        super().__init__()
+        if not len(cfg.conv_dim) == len(cfg.conv_kernel) == len(cfg.conv_stride) >= 1:
+            raise ValueError("conv_dim, conv_kernel and conv_stride must be lists of one length")
+        if cfg.dim % cfg.num_heads or cfg.dim % cfg.pos_conv_groups:
+            raise ValueError(f"dim {cfg.dim} must be a multiple of num_heads {cfg.num_heads} "
+                             f"and of pos_conv_groups {cfg.pos_conv_groups}")
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.feature_projection = FeatureProjection(cfg.conv_dim[-1], cfg.dim, cfg.ln_eps)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
+        self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.apply(init_transformer_weights)
+        for layer in self.feature_extractor.layers:
+            nn.init.kaiming_normal_(layer.conv.weight)
+        for conv in self.pos_conv.layers:  # wav2vec 2.0: normal with std sqrt(4 / (kernel * dim))
+            nn.init.normal_(conv.weight, std=math.sqrt(4.0 / (cfg.pos_conv_kernel * cfg.dim)))
+            nn.init.zeros_(conv.bias)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field(self.cfg.conv_kernel, self.cfg.conv_stride)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_emb"}
+
+    def encode(
+        self,
+        wave: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_layers: str | None = None,
+        top_k: int = 0,
+    ) -> EncoderOutput:
+        """wave (B, S) float at 16 kHz; mask (B, T) bool, True = frame replaced by the mask embedding;
+        padding_mask (B, S) bool, True at padded samples. output_layers: None, "block" or "ffn"; top_k: how many."""
+        if wave.dim() != 2:
+            raise ValueError(f"expected waveforms (B, S), got {tuple(wave.shape)}")
+        if wave.shape[1] < self.receptive_field:
+            raise ValueError(f"waveforms need at least {self.receptive_field} samples, got {wave.shape[1]}")
+        if padding_mask is not None and not padding_mask.any():
+            padding_mask = None
+        x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
+        x = self.feature_projection(x)  # (B, T, D)
+        T = x.shape[1]
+        pad = None if padding_mask is None else frame_padding_mask(padding_mask, T, self.cfg)  # (B, T)
+        if mask is not None:
+            if mask.shape != (x.shape[0], T):
+                raise ValueError(f"mask must be (B, T) = {(x.shape[0], T)}, got {tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        keep = None
+        if pad is not None:
+            # Padded frames enter the position convs as zeros, as in fairseq and transformers (which do not
+            # re-zero them between conv layers, so with depth > 1 the tail reaches the last valid frames).
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+            keep = (~pad)[:, None, None, :]
+        x = self.dropout(self.norm(x + self.pos_conv(x)))
+        first = len(self.blocks) - top_k
+        layers = []
+        for i, block in enumerate(self.blocks):
+            # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
+            if (self.training and output_layers is None and self.cfg.layerdrop > 0
+                    and torch.rand(()) < self.cfg.layerdrop):
+                continue
+            x, ffn = block(x, keep)
+            if output_layers is not None and i >= first:
+                layers.append(x if output_layers == "block" else ffn)
+        return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=pad)
+
+    def forward(self, wave: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states (B, T, D), as Hugging Face's Data2VecAudioModel returns last_hidden_state."""
+        return self.encode(wave, padding_mask=padding_mask).hidden
+
+    def embed(self, wave: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over valid frames (B, D)."""
+        out = self.encode(wave, padding_mask=padding_mask)
+        if out.padding_mask is None:
+            return out.hidden.mean(dim=1)
+        w = (~out.padding_mask).unsqueeze(-1).to(out.hidden.dtype)
+        return (out.hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
