@@ -46,6 +46,7 @@ def user_errors(fn):
 
 class Modality(str, Enum):
     vision = "vision"
+    speech = "speech"
 
 
 class Precision(str, Enum):
@@ -66,8 +67,10 @@ class Kernels(str, Enum):
 @user_errors
 def pretrain(
     modality: Modality = typer.Option(Modality.vision, help="Which data2vec modality to pretrain."),
-    data: Optional[str] = typer.Option(None, help="Built-in dataset name (vision: digits, fashion-mnist) or a path: "
-                                       "a folder of images or a .npy/.npz array. Default: digits."),
+    data: Optional[str] = typer.Option(None, help="Built-in dataset name (vision: digits, fashion-mnist; speech: "
+                                       "default, asterisk) or a path: a folder of images or a .npy/.npz array "
+                                       "(vision), a folder of .wav/.flac files (speech). Default: the "
+                                       "modality's embedded set (vision: digits, speech: default)."),
     preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
     steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch."),
@@ -188,6 +191,9 @@ def probe(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for the random init and the subsample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    holdout: Optional[str] = typer.Option(None, help="Speech: test on the files whose path inside their class "
+                                          "folder matches these comma-separated globs (e.g. 'en-sc_*' to hold out "
+                                          "a voice) and train on the rest. Default: a stratified 80/20 split."),
 ):
     """Linear probe: logistic regression on frozen mean-pooled features; prints test accuracy."""
     from dataclasses import asdict
@@ -197,7 +203,8 @@ def probe(
 
     dev = resolve_device(device)
     with console.status("Extracting features and fitting the probe..."):
-        result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed)
+        result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed,
+                            holdout=[p for p in (holdout or "").split(",") if p])
     kind = "random-init" if random_init else "pretrained"
     console.print(f"Linear probe on {data} ({kind}): test accuracy {result.accuracy:.4f} "
                   f"(train {result.train_accuracy:.4f}; {result.n_train} train / {result.n_test} test, "

@@ -11,6 +11,8 @@ def convert(model_cfg: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     modality = model_cfg["modality"]
     if modality == "vision":
         return _vision(model_cfg, state)
+    if modality == "speech":
+        return _speech(model_cfg, state)
     raise ValueError(f"no Hugging Face export for modality {modality!r}")
 
 
@@ -81,5 +83,73 @@ def _vision(m: dict, state: dict[str, torch.Tensor]):
         "image_mean": m["pixel_mean"] or [0.5] * c,
         "image_std": m["pixel_std"] or [0.5] * c,
         "do_reduce_labels": False,
+    }
+    return config, {k: v.contiguous() for k, v in t.items()}, {"preprocessor_config.json": preprocessor}
+
+
+def _speech(m: dict, state: dict[str, torch.Tensor]):
+    """Data2VecAudioModel. Its feature extractor (preprocessor_config.json, do_normalize) normalizes each waveform
+    to zero mean and unit variance, which the d2v encoder does inside; the model itself takes normalized input."""
+    dim = m["dim"]
+    config = {
+        "architectures": ["Data2VecAudioModel"],
+        "model_type": "data2vec-audio",
+        "hidden_size": dim,
+        "num_hidden_layers": m["depth"],
+        "num_attention_heads": m["num_heads"],
+        "intermediate_size": m["ffn_dim"],
+        "hidden_act": "gelu",
+        "hidden_dropout": m["dropout"],
+        "activation_dropout": m["activation_dropout"],
+        "attention_dropout": m["attention_dropout"],
+        "feat_proj_dropout": 0.0,
+        "layerdrop": m["layerdrop"],
+        "layer_norm_eps": m["ln_eps"],
+        "feat_extract_norm": "layer",
+        "feat_extract_activation": "gelu",
+        "conv_dim": list(m["conv_dim"]),
+        "conv_kernel": list(m["conv_kernel"]),
+        "conv_stride": list(m["conv_stride"]),
+        "conv_bias": False,
+        "num_conv_pos_embeddings": m["pos_conv_depth"],  # transformers' name for the number of position conv layers
+        "conv_pos_kernel_size": m["pos_conv_kernel"],
+        "num_conv_pos_embedding_groups": m["pos_conv_groups"],
+    }
+    t = {
+        "masked_spec_embed": state["mask_emb"],
+        "feature_projection.layer_norm.weight": state["feature_projection.norm.weight"],
+        "feature_projection.layer_norm.bias": state["feature_projection.norm.bias"],
+        "feature_projection.projection.weight": state["feature_projection.proj.weight"],
+        "feature_projection.projection.bias": state["feature_projection.proj.bias"],
+        "encoder.layer_norm.weight": state["norm.weight"],
+        "encoder.layer_norm.bias": state["norm.bias"],
+    }
+    for i in range(len(m["conv_dim"])):
+        s, h = f"feature_extractor.layers.{i}.", f"feature_extractor.conv_layers.{i}."
+        t[h + "conv.weight"] = state[s + "conv.weight"]
+        t[h + "layer_norm.weight"] = state[s + "norm.weight"]
+        t[h + "layer_norm.bias"] = state[s + "norm.bias"]
+    for j in range(m["pos_conv_depth"]):
+        t[f"encoder.pos_conv_embed.layers.{j}.conv.weight"] = state[f"pos_conv.layers.{j}.weight"]
+        t[f"encoder.pos_conv_embed.layers.{j}.conv.bias"] = state[f"pos_conv.layers.{j}.bias"]
+    for i in range(m["depth"]):
+        s, h = f"blocks.{i}.", f"encoder.layers.{i}."
+        for name, w in zip("qkv", state[s + "attn.qkv.weight"].chunk(3, dim=0)):
+            t[h + f"attention.{name}_proj.weight"] = w
+        for name, b in zip("qkv", state[s + "attn.qkv.bias"].chunk(3, dim=0)):
+            t[h + f"attention.{name}_proj.bias"] = b
+        for ours, theirs in (("attn.proj", "attention.out_proj"), ("norm1", "layer_norm"),
+                             ("fc1", "feed_forward.intermediate_dense"), ("fc2", "feed_forward.output_dense"),
+                             ("norm2", "final_layer_norm")):
+            t[h + theirs + ".weight"] = state[s + ours + ".weight"]
+            t[h + theirs + ".bias"] = state[s + ours + ".bias"]
+    preprocessor = {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": m["sample_rate"],
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": True,
+        "return_attention_mask": True,
     }
     return config, {k: v.contiguous() for k, v in t.items()}, {"preprocessor_config.json": preprocessor}

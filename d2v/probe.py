@@ -25,20 +25,30 @@ class ProbeResult:
 def features(encoder, dataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None) -> np.ndarray:
     """(N, D) float64 embeddings of every item of a dataset."""
     encoder = encoder.to(device)
+    batch_size = min(batch_size, getattr(dataset, "max_batch", batch_size))
     out = []
     for start in range(0, len(dataset), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(dataset)))
-        out.append(encoder.embed(dataset.get_batch(idx).to(device)).float().cpu())
+        inputs = dataset.get_batch(idx)  # a tensor, or a tuple such as (waveforms, padding mask)
+        inputs = tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else (inputs.to(device),)
+        out.append(encoder.embed(*inputs).float().cpu())
         if progress is not None:
             progress(len(idx))
     return torch.cat(out).double().numpy()
 
 
-def load_labelled(source: str, encoder, split: str):
+def load_labelled(source: str, encoder, split: str, holdout: list[str] | None = None):
     """A labelled split of `source` shaped for the encoder (images resized to its input size)."""
     from d2v.data.vision import load_images
 
     cfg = encoder.cfg
+    if cfg.modality == "speech":
+        from d2v.data.speech import labelled_split, load_audio
+
+        return labelled_split(load_audio(source, sample_rate=cfg.sample_rate, min_samples=encoder.receptive_field),
+                              split, holdout)
+    if holdout:
+        raise DataError("--holdout is available for speech folders only")
     ds = load_images(source, split, image_size=cfg.image_size)
     if ds.labels is None:
         raise DataError(f"{source} has no labels (use a folder with one sub-folder per class, or an .npz with labels)")
@@ -48,12 +58,12 @@ def load_labelled(source: str, encoder, split: str):
 
 
 def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: int = 0, random_init: bool = False,
-                 progress=None) -> ProbeResult:
+                 progress=None, holdout: list[str] | None = None) -> ProbeResult:
     """Fit logistic regression on train-split features of `source`; score it on the test split."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    train, test = load_labelled(source, encoder, "train"), load_labelled(source, encoder, "test")
+    train, test = load_labelled(source, encoder, "train", holdout), load_labelled(source, encoder, "test", holdout)
     if max_train and len(train) > max_train:
         keep = np.random.default_rng(seed).permutation(len(train))[:max_train]
         train = train.subset(np.sort(keep))
