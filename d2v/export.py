@@ -14,6 +14,7 @@ from d2v.errors import CheckpointError
 from d2v.models import build_encoder
 
 ENCODER_FORMAT = "d2v-encoder"
+TOKENIZER = "tokenizer.json"  # text: the run's byte-level BPE, kept beside the weights
 
 
 def encoder_state_from_run(run_dir: Path, weights: str = "student") -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -45,6 +46,9 @@ def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bo
     _write_safetensors(out / "model.safetensors", state)
     ckpt.atomic_write_json(out / "config.json", {"format": ENCODER_FORMAT, "version": 1, "model": model_cfg,
                                                  "source": source})
+    tokenizer = _run_file(run_dir, TOKENIZER)
+    if tokenizer is not None:
+        ckpt.atomic_write_bytes(out / TOKENIZER, tokenizer.read_bytes())
     paths = {"d2v": out}
     if hf:
         from d2v import hf_export
@@ -56,6 +60,8 @@ def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bo
         ckpt.atomic_write_json(hf_dir / "config.json", hf_config)
         for name, content in extra_files.items():
             ckpt.atomic_write_json(hf_dir / name, content)
+        if tokenizer is not None:
+            ckpt.atomic_write_bytes(hf_dir / TOKENIZER, tokenizer.read_bytes())
         paths["hf"] = hf_dir
     return paths
 
@@ -64,6 +70,28 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def _run_file(run_dir: Path, name: str) -> Path | None:
+    """A file kept beside a run's config (the run directory, or two levels above one of its checkpoints)."""
+    run_dir = Path(run_dir)
+    return next((d / name for d in (run_dir, run_dir.parent.parent) if (d / name).exists()), None)
+
+
+def _attach_tokenizer(encoder: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Text encoders tokenize strings themselves, with the tokenizer saved beside their weights."""
+    if encoder.cfg.modality != "text":
+        return encoder
+    from d2v.data.text import load_tokenizer, tokenizer_sha256
+
+    file = _run_file(path, TOKENIZER)
+    if file is None:
+        return encoder  # ids still work; strings raise a clear error
+    tokenizer = load_tokenizer(file)
+    if encoder.cfg.tokenizer_sha256 and tokenizer_sha256(tokenizer) != encoder.cfg.tokenizer_sha256:
+        raise CheckpointError(f"{file} is not the tokenizer this encoder was trained with")
+    encoder.tokenizer = tokenizer
+    return encoder
 
 
 def _build(model_cfg: dict) -> torch.nn.Module:
@@ -78,6 +106,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.
 
     Vision: enc(images) takes float (B, C, H, W) in [0, 1] and returns the last hidden states (B, 1 + N, D);
     enc.embed(images) returns the mean-pooled patch representation (B, D).
+    Text: enc(list_of_strings) tokenizes with the saved tokenizer.json and returns (hidden (B, T, D), attention mask
+    (B, T)); token ids (B, T) work too; enc.embed(...) returns the mean over real tokens (B, D).
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -102,7 +132,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.
         encoder.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"weights in {path} do not match its config: {str(exc).splitlines()[0]}") from None
-    return encoder.to(device).eval()
+    return _attach_tokenizer(encoder, path).to(device).eval()
 
 
 def random_encoder(path: str | Path, seed: int = 0) -> torch.nn.Module:
@@ -112,4 +142,4 @@ def random_encoder(path: str | Path, seed: int = 0) -> torch.nn.Module:
     if meta is None:
         raise CheckpointError(f"{path} is not an exported encoder or a run directory (no config.json)")
     torch.manual_seed(seed)
-    return _build(meta["model"]).eval()
+    return _attach_tokenizer(_build(meta["model"]), path).eval()

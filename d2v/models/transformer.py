@@ -1,0 +1,44 @@
+"""The post-LN Transformer layer that wav2vec 2.0 / data2vec speech and RoBERTa / data2vec text share."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D); keep (B, 1, 1, T) bool, True at keys that may be attended, or None."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class PostLNBlock(nn.Module):
+    """x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(act_drop(gelu(fc1(x)))))). Returns (x, FFN output fc2)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
+                 ln_eps: float, activation_dropout: float = 0.0):
+        super().__init__()
+        self.attn = Attention(dim, num_heads, attention_dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.act_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm1(x + self.dropout(self.attn(x, keep)))
+        ffn = self.fc2(self.act_dropout(F.gelu(self.fc1(x))))  # the data2vec target: before dropout and residual
+        return self.norm2(x + self.dropout(ffn)), ffn
