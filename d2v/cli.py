@@ -46,6 +46,7 @@ def user_errors(fn):
 
 class Modality(str, Enum):
     vision = "vision"
+    text = "text"
     speech = "speech"
 
 
@@ -68,15 +69,18 @@ class Kernels(str, Enum):
 def pretrain(
     modality: Modality = typer.Option(Modality.vision, help="Which data2vec modality to pretrain."),
     data: Optional[str] = typer.Option(None, help="Built-in dataset name (vision: digits, fashion-mnist; speech: "
-                                       "default, asterisk) or a path: a folder of images or a .npy/.npz array "
-                                       "(vision), a folder of .wav/.flac files (speech). Default: the "
-                                       "modality's embedded set (vision: digits, speech: default)."),
+                                       "default, asterisk; text: pydoc, fortunes) or a path: a folder of images or "
+                                       "a .npy/.npz array (vision), a folder of .wav/.flac files (speech), a .txt "
+                                       "file or a folder of .txt files (text). Default: the modality's embedded "
+                                       "set (vision: digits, speech: default, text: pydoc)."),
     preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
     steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches accumulated per optimizer update."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
+    vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
+    doc_per_line: bool = typer.Option(False, "--doc-per-line", help="One document per line, else one per file (text)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -103,6 +107,7 @@ def pretrain(
         "run.precision": precision.value if precision else None, "run.kernels": kernels.value if kernels else None,
         "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
         "data.skip_bad_files": True if skip_bad_files else None,
+        "data.vocab_size": vocab_size, "data.doc_per_line": True if doc_per_line else None,
     }
     for item in set_:
         if "=" not in item:
@@ -184,8 +189,8 @@ def export_checkpoint(
 @user_errors
 def probe(
     path: Path = typer.Argument(..., help="An exported encoder directory or a run directory."),
-    data: str = typer.Option("digits", help="Labelled data: a built-in name, a folder with one sub-folder per "
-                             "class, or an .npz with images and labels."),
+    data: str = typer.Option("digits", help="Labelled data: a built-in name (text: fortunes, by category), a "
+                             "folder with one sub-folder per class, or an .npz with images and labels."),
     random_init: bool = typer.Option(False, "--random-init", help="Probe the untrained architecture instead."),
     max_train: int = typer.Option(0, help="Use at most this many training items (0: all)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -13,6 +13,8 @@ def convert(model_cfg: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
         return _vision(model_cfg, state)
     if modality == "speech":
         return _speech(model_cfg, state)
+    if modality == "text":
+        return _text(model_cfg, state)
     raise ValueError(f"no Hugging Face export for modality {modality!r}")
 
 
@@ -153,3 +155,59 @@ def _speech(m: dict, state: dict[str, torch.Tensor]):
         "return_attention_mask": True,
     }
     return config, {k: v.contiguous() for k, v in t.items()}, {"preprocessor_config.json": preprocessor}
+
+
+def _text(m: dict, state: dict[str, torch.Tensor]):
+    """RoBERTa layout (Data2VecTextModel); the tokenizer.json beside it is copied by export."""
+    dim, pad = m["dim"], m["pad_id"]
+    config = {
+        "architectures": ["Data2VecTextModel"],
+        "model_type": "data2vec-text",
+        "vocab_size": m["vocab_size"],
+        "hidden_size": dim,
+        "num_hidden_layers": m["depth"],
+        "num_attention_heads": m["num_heads"],
+        "intermediate_size": m["ffn_dim"],
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": m["dropout"],
+        "attention_probs_dropout_prob": m["attention_dropout"],
+        "max_position_embeddings": m["max_length"] + pad + 1,
+        "type_vocab_size": 1,
+        "layer_norm_eps": m["ln_eps"],
+        "pad_token_id": pad,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "position_embedding_type": "absolute",
+    }
+    e = "embeddings."
+    t = {
+        e + "word_embeddings.weight": state["embeddings.tokens.weight"],
+        e + "position_embeddings.weight": state["embeddings.positions.weight"],
+        e + "token_type_embeddings.weight": torch.zeros(1, dim),  # d2v has no token types: a zero row adds nothing
+        e + "LayerNorm.weight": state["embeddings.norm.weight"],
+        e + "LayerNorm.bias": state["embeddings.norm.bias"],
+    }
+    for i in range(m["depth"]):
+        s, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        qkv_w, qkv_b = state[s + "attn.qkv.weight"].chunk(3, dim=0), state[s + "attn.qkv.bias"].chunk(3, dim=0)
+        for j, name in enumerate(("query", "key", "value")):
+            t[h + f"attention.self.{name}.weight"] = qkv_w[j]
+            t[h + f"attention.self.{name}.bias"] = qkv_b[j]
+        t.update({
+            h + "attention.output.dense.weight": state[s + "attn.proj.weight"],
+            h + "attention.output.dense.bias": state[s + "attn.proj.bias"],
+            h + "attention.output.LayerNorm.weight": state[s + "norm1.weight"],
+            h + "attention.output.LayerNorm.bias": state[s + "norm1.bias"],
+            h + "intermediate.dense.weight": state[s + "fc1.weight"],
+            h + "intermediate.dense.bias": state[s + "fc1.bias"],
+            h + "output.dense.weight": state[s + "fc2.weight"],
+            h + "output.dense.bias": state[s + "fc2.bias"],
+            h + "output.LayerNorm.weight": state[s + "norm2.weight"],
+            h + "output.LayerNorm.bias": state[s + "norm2.bias"],
+        })
+    specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m["max_length"],
+                        "padding_side": "right", **specials}
+    return config, {k: v.contiguous() for k, v in t.items()}, {"tokenizer_config.json": tokenizer_config,
+                                                             "special_tokens_map.json": specials}

@@ -110,3 +110,52 @@ def span_masks(
         drop = rng.choice(np.flatnonzero(mask[b]), size=counts[b] - target, replace=False)
         mask[b, drop] = False
     return mask
+
+
+def token_masks(maskable: np.ndarray, ratio: float, rng: np.random.Generator, span_length: int = 1) -> np.ndarray:
+    """Which tokens to predict: (B, T) bool, `ratio` of each row's maskable tokens (probabilistic rounding, as
+    BERT/fairseq), never a position where `maskable` (B, T) is False (special and pad tokens).
+
+    span_length 1 picks tokens independently (BERT); > 1 masks runs of that many maskable tokens (the released
+    data2vec text recipe: 35% in spans of 4), the last run cut so each row's count is exact.
+    """
+    B, T = maskable.shape
+    mask = np.zeros((B, T), dtype=bool)
+    for b in range(B):
+        where = np.flatnonzero(maskable[b])
+        n = where.size
+        num = min(n, int(ratio * n + rng.random()))
+        if num == 0:
+            continue
+        if span_length <= 1:
+            mask[b, rng.choice(where, size=num, replace=False)] = True
+            continue
+        chosen = np.zeros(n, dtype=bool)
+        count = 0
+        while count < num:
+            start = int(rng.integers(0, max(1, n - span_length + 1)))
+            run = np.flatnonzero(~chosen[start : start + span_length])[: num - count] + start
+            chosen[run] = True
+            count += run.size
+        mask[b, where[chosen]] = True
+    return mask
+
+
+def bert_corrupt(
+    ids: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    mask_id: int,
+    random_range: tuple[int, int],
+    random_token: float = 0.1,
+    unchanged: float = 0.1,
+) -> np.ndarray:
+    """The student's view of token ids (B, T): masked positions become `mask_id`, except a `random_token` share
+    replaced by ids drawn uniformly from [random_range) and an `unchanged` share left as they are (BERT 80/10/10)."""
+    u = rng.random(ids.shape)
+    out = ids.copy()
+    to_mask = mask & (u < 1.0 - random_token - unchanged)
+    to_random = mask & (u >= 1.0 - random_token - unchanged) & (u < 1.0 - unchanged)
+    out[to_mask] = mask_id
+    out[to_random] = rng.integers(random_range[0], random_range[1], size=int(to_random.sum()))
+    return out

@@ -49,6 +49,12 @@ def load_labelled(source: str, encoder, split: str, holdout: list[str] | None = 
                               split, holdout)
     if holdout:
         raise DataError("--holdout is available for speech folders only")
+    if cfg.modality == "text":
+        from d2v.data.text import load_labelled_text
+
+        if encoder.tokenizer is None:
+            raise DataError("the text encoder has no tokenizer.json beside its weights; re-export the run")
+        return load_labelled_text(source, split, encoder.tokenizer, cfg.max_length)
     ds = load_images(source, split, image_size=cfg.image_size)
     if ds.labels is None:
         raise DataError(f"{source} has no labels (use a folder with one sub-folder per class, or an .npz with labels)")

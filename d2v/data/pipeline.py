@@ -121,6 +121,10 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip:
 def build_pipeline(cfg: PretrainConfig):
     if cfg.modality == "vision":
         return VisionPipeline(cfg)
+    if cfg.modality == "text":
+        from d2v.data.text import TextPipeline
+
+        return TextPipeline(cfg)
     if cfg.modality == "speech":
         from d2v.data.speech import SpeechPipeline
 

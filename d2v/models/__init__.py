@@ -13,6 +13,10 @@ def build_encoder(model_cfg) -> nn.Module:
         from d2v.models.vision import VisionEncoder
 
         return VisionEncoder(model_cfg)
+    if model_cfg.modality == "text":
+        from d2v.models.text import TextEncoder
+
+        return TextEncoder(model_cfg)
     if model_cfg.modality == "speech":
         from d2v.models.speech import SpeechEncoder
 
