@@ -119,8 +119,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model.depth": 4,
             "model.num_heads": 3,
             "targets.top_k": 3,
-            "ema.anneal_steps": 300,
-            "run.steps": 300,
+            "ema.anneal_steps": 1500,  # digits: 300 steps probe at 63.8%, 1500 at 71.2% (random init: 60.7%)
+            "run.steps": 1500,
         },
         "small": {
             **_VISION_CPU,
