@@ -40,7 +40,7 @@ def test_fresh_randomness_and_seeded_reproducibility():
 def test_every_position_gets_masked_sometimes():
     masks = block_masks(400, (8, 8), 0.6, np.random.default_rng(), min_block=4)
     freq = masks.mean(0)
-    assert freq.min() > 0.2 and freq.max() < 0.95
+    assert freq.min() > 0.1 and freq.max() < 0.95  # corners are covered less often by blocks, never 0
 
 
 def test_impossible_count_is_an_error():
