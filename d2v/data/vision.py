@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2v.data.labels import labels_from_subfolders
 from d2v.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -193,14 +194,7 @@ def _scan_folder(root: Path, image_size: int, skip_bad_files: bool) -> FolderIma
             raise DataError(f"images under {root} are not all square and of one size; pass --image-size N to resize them")
         image_size = sizes[0][0]
     mode = "L" if all(m in ("L", "1", "I", "I;16", "F") for m in modes) else "RGB"
-    rel = [p.relative_to(root).parts for p in good]
-    labels, classes = None, []
-    if all(len(parts) >= 2 for parts in rel):
-        classes = sorted({parts[0] for parts in rel})
-        if len(classes) >= 2:
-            labels = np.array([classes.index(parts[0]) for parts in rel])
-        else:
-            classes = []
+    labels, classes = labels_from_subfolders(root, good)
     return FolderImages(root, good, labels, classes, mode, image_size, skipped)
 
 
