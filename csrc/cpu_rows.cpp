@@ -63,7 +63,71 @@ __attribute__((always_inline)) inline float lane_sum(int64_t n, F f) {
   return sum;
 }
 
+D2V_CLONES float bf16_to_float_row_sum(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  return lane_sum(n, [&](int64_t i) { return dst[i] = bf16_to_float(src[i]); });
+}
+
+D2V_CLONES float half_to_float_row_sum(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
+  return lane_sum(n, [&](int64_t i) { return dst[i] = static_cast<float>(src[i]); });
+}
+
+D2V_CLONES float float_row_sum(const float* __restrict src, float* __restrict dst, int64_t n) {
+  return lane_sum(n, [&](int64_t i) { return dst[i] = src[i]; });
+}
+
+// Moments of R rows at once, so s1/s2 are loaded and stored once per R rows.
+template <int R, class S, class Cvt>
+__attribute__((always_inline)) inline void moments_rows(float* __restrict s1, float* __restrict s2,
+                                                        const S* const* src, const float* __restrict shift,
+                                                        int64_t n, Cvt cvt) {
+  const S* __restrict r[R];
+  for (int j = 0; j < R; ++j) r[j] = src[j];
+  for (int64_t i = 0; i < n; ++i) {
+    float a = s1[i], q = s2[i];
+    const float m = shift[i];
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      const float d = cvt(r[j][i]) - m;
+      a += d;
+      q += d * d;
+    }
+    s1[i] = a;
+    s2[i] = q;
+  }
+}
+
+#define D2V_MOMENTS(NAME, S, CVT)                                                                             \
+  D2V_CLONES void NAME(float* s1, float* s2, const void* const* src, int rows, const float* shift, int64_t n) { \
+    auto cvt = [](S v) { return CVT; };                                                                       \
+    const S* const* s = reinterpret_cast<const S* const*>(src);                                               \
+    if (rows == 4) return moments_rows<4>(s1, s2, s, shift, n, cvt);                                         \
+    for (int j = 0; j < rows; ++j) moments_rows<1>(s1, s2, s + j, shift, n, cvt);                            \
+  }
+D2V_MOMENTS(moments_bf16, uint16_t, bf16_to_float(v))
+D2V_MOMENTS(moments_half, c10::Half, static_cast<float>(v))
+D2V_MOMENTS(moments_float, float, v)
+#undef D2V_MOMENTS
+
 }  // namespace
+
+void add_moments_rows(float* s1, float* s2, const void* const* src, int rows, c10::ScalarType dtype,
+                      const float* shift, int64_t n) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return moments_float(s1, s2, src, rows, shift, n);
+    case c10::ScalarType::BFloat16: return moments_bf16(s1, s2, src, rows, shift, n);
+    case c10::ScalarType::Half: return moments_half(s1, s2, src, rows, shift, n);
+    default: TORCH_CHECK(false, "d2v: unsupported dtype ", dtype);
+  }
+}
+
+float load_row_sum(const void* src, c10::ScalarType dtype, float* x, int64_t n) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return float_row_sum(static_cast<const float*>(src), x, n);
+    case c10::ScalarType::BFloat16: return bf16_to_float_row_sum(static_cast<const uint16_t*>(src), x, n);
+    case c10::ScalarType::Half: return half_to_float_row_sum(static_cast<const c10::Half*>(src), x, n);
+    default: TORCH_CHECK(false, "d2v: unsupported dtype ", dtype);
+  }
+}
 
 void load_row(const void* src, c10::ScalarType dtype, float* dst, int64_t n) {
   switch (dtype) {
@@ -81,6 +145,14 @@ void store_row(const float* src, c10::ScalarType dtype, void* dst, int64_t n) {
     case c10::ScalarType::Half: float_to_half_row(src, static_cast<c10::Half*>(dst), n); return;
     default: TORCH_CHECK(false, "d2v: unsupported dtype ", dtype);
   }
+}
+
+D2V_CLONES void mean_rstd_from_sum(const float* __restrict x, int64_t n, float sum, float eps, float* mean,
+                                   float* rstd) {
+  const float m = sum / static_cast<float>(n);
+  const float sq = lane_sum(n, [&](int64_t i) { return (x[i] - m) * (x[i] - m); });
+  *mean = m;
+  *rstd = 1.f / std::sqrt(sq / static_cast<float>(n) + eps);
 }
 
 D2V_CLONES void mean_rstd(const float* __restrict x, int64_t n, float eps, float* mean, float* rstd) {

@@ -18,6 +18,10 @@ void store_row(const float* src, c10::ScalarType dtype, void* dst, int64_t n);
 
 // Biased mean and 1/sqrt(var + eps) of x[0:n], two-pass for accuracy.
 void mean_rstd(const float* x, int64_t n, float eps, float* mean, float* rstd);
+// x[0:n] = float(src[0:n]) as load_row, returning the sum of x (one pass: conversion fused with the reduction).
+float load_row_sum(const void* src, c10::ScalarType dtype, float* x, int64_t n);
+// The same given sum(x[0:n]).
+void mean_rstd_from_sum(const float* x, int64_t n, float sum, float eps, float* mean, float* rstd);
 // acc = (x - mean) * rstd (assign; acc may be x) or acc += (x - mean) * rstd (accumulate).
 void add_normalized(float* acc, const float* x, int64_t n, float mean, float rstd, bool assign);
 // acc = (x - mean[i]) * rstd[i] per column i, assign or accumulate (instance norm).
@@ -26,6 +30,10 @@ void add_normalized_cols(float* acc, const float* x, int64_t n, const float* mea
 void add_row(float* acc, const float* x, int64_t n, bool assign);
 // acc += (x - mean)^2 per column.
 void add_sq_dev_cols(float* acc, const float* x, const float* mean, int64_t n);
+// For r < rows (1 to 4 rows of dtype `dtype`, each n wide): d = float(src[r][i]) - shift[i]; s1[i] += d and
+// s2[i] += d * d, in fp32 (callers flush these partial sums to fp64 every few dozen rows).
+void add_moments_rows(float* s1, float* s2, const void* const* src, int rows, c10::ScalarType dtype,
+                      const float* shift, int64_t n);
 // x *= s.
 void scale_row(float* x, int64_t n, float s);
 // t += w * (s - t): the EMA update of fp32 teacher t from fp32 student s.

@@ -94,6 +94,19 @@ def test_targets_instance_norm_padding(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K,B", [(1, 1), (2, 3)])
+def test_targets_instance_norm_long_offset(K, B, device):
+    """Long sequences (many blocks of partial moments), column-chunked tasks, and a mean far above the spread."""
+    T, D = 301, 200
+    layers = [x + 100.0 for x in _layers(K, B, T, D, torch.float32, device)]
+    pad = _mask(B, T, 0.2, device)
+    pad[:, 0] = True  # the first step is padded: statistics start at a later one
+    for final_norm in ["none", "instance", "layer"]:
+        _check_targets(layers, "instance", final_norm, padding_mask=pad)
+        _check_targets(layers, "instance", final_norm, mask=_mask(B, T, 0.5, device), padding_mask=pad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_targets_non_contiguous_and_stacked(device):
     B, T, D = 2, 5, 12
     stacked = torch.randn(3, B, D, T, device=device).transpose(-1, -2)  # (K, B, T, D), non-contiguous
