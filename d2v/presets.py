@@ -194,6 +194,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model.num_heads": 4,
             "model.ffn_dim": 768,
             "targets.top_k": 4,
+            "targets.head": "mlp",  # as tiny: see the comment there
+            "optim.lr": 5e-4,
+            "optim.clip_grad": 1.0,
             "ema.anneal_steps": 1000,
             "run.steps": 1000,
         },

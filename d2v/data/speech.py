@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from d2v.config import PretrainConfig
+from d2v.data.labels import labels_from_subfolders
 from d2v.errors import ConfigError, DataError
 from d2v.objective import Batch
 
@@ -175,14 +176,7 @@ def load_audio(source: str, skip_bad_files: bool = False, sample_rate: int = 160
     if not good:
         raise DataError(f"none of the {len(files)} audio files under {root} could be used")
     cached = len(waves) == len(good)
-    rel = [p.relative_to(root).parts for p in good]
-    labels, classes = None, []
-    if all(len(parts) >= 2 for parts in rel):
-        classes = sorted({parts[0] for parts in rel})
-        if len(classes) >= 2:
-            labels = np.array([classes.index(parts[0]) for parts in rel])
-        else:
-            classes = []
+    labels, classes = labels_from_subfolders(root, good)
     return AudioFiles(root, good, np.array(lengths), waves if cached else None, labels, classes, skipped, sample_rate)
 
 

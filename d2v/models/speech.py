@@ -10,6 +10,7 @@ from torch import nn
 
 from d2v.config import SpeechModelConfig
 from d2v.models.common import EncoderOutput, init_transformer_weights
+from d2v.models.transformer import PostLNBlock
 
 WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
 
@@ -112,41 +113,6 @@ class PositionalConv(nn.Module):
         return x.transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D); keep (B, 1, 1, T) bool, True at keys that may be attended, or None."""
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class Block(nn.Module):
-    """Post-LN: x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(gelu(fc1(x))))). Returns (x, FFN output fc2)."""
-
-    def __init__(self, cfg: SpeechModelConfig):
-        super().__init__()
-        self.attn = Attention(cfg.dim, cfg.num_heads, cfg.attention_dropout)
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.act_dropout = nn.Dropout(cfg.activation_dropout)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + self.dropout(self.attn(x, keep)))
-        ffn = self.fc2(self.act_dropout(F.gelu(self.fc1(x))))  # the data2vec target: before dropout and residual
-        return self.norm2(x + self.dropout(ffn)), ffn
-
-
 class SpeechEncoder(nn.Module):
     """Waveforms (B, S) at 16 kHz -> frame states (B, T, D), T = conv_output_lengths(S); normalizes input itself."""
 
@@ -166,7 +132,11 @@ class SpeechEncoder(nn.Module):
         self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.ln_eps,
+                        cfg.activation_dropout)
+            for _ in range(cfg.depth)
+        )
         self.apply(init_transformer_weights)
         for layer in self.feature_extractor.layers:
             nn.init.kaiming_normal_(layer.conv.weight)
