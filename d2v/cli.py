@@ -88,8 +88,9 @@ def pretrain(
                                        "set (vision: digits, speech: default, text: pydoc)."),
     preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
     steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches accumulated per optimizer update."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per optimizer update, all processes together (the "
+                                             "global batch; each process takes batch / (processes x grad-accum))."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches each process accumulates per optimizer update."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
     vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
@@ -147,10 +148,18 @@ def pretrain(
     if dry_run:
         from d2v.data.pipeline import build_pipeline
 
+        from d2v.distributed import batch_plan, env_world_size
+
         build_pipeline(cfg)  # resolves data-dependent fields
         validate(cfg)
+        plan = batch_plan(cfg.run.batch_size, cfg.run.grad_accum, env_world_size())
+        err_console.print(f"Batch: {plan.describe()} (under torchrun the process count is its world size)",
+                          highlight=False)
         console.print_json(cfg.to_json())
         return
+    from d2v.distributed import env_rank
+
+    console.quiet = env_rank() > 0  # under torchrun, rank 0 reports for the run
     summary = run_pretrain(cfg, out=out, resume=resume, console=console, progress=progress)
     if summary.complete:
         return
@@ -204,7 +213,7 @@ def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality:
     from d2v.config import PretrainConfig, from_dict, set_by_path
     from d2v.errors import ConfigError
 
-    allowed = {"run.device", "data.num_workers", "run.kernels"}
+    allowed = {"run.device", "data.num_workers", "run.kernels", "run.grad_accum", "run.checkpoint_minutes"}
     if preset is not None and preset != saved.preset:
         raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
     if modality is not None and modality != saved.modality:

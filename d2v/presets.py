@@ -134,6 +134,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": {"data.image_size": 224},
         "large": {
             "data.image_size": 224,
+            "run.strategy": "fsdp",  # sharded when launched on several processes (FSDP2)
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,
@@ -165,7 +166,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "run.batch_size": 32,
         },
         "base": {**_TEXT},
-        "large": {**_TEXT, "model.dim": 1024, "model.depth": 24, "model.num_heads": 16, "model.ffn_dim": 4096},
+        "large": {**_TEXT, "run.strategy": "fsdp", "model.dim": 1024, "model.depth": 24, "model.num_heads": 16, "model.ffn_dim": 4096},
     },
     "speech": {
         "tiny": {
@@ -203,6 +204,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": dict(_SPEECH),
         "large": {
             **_SPEECH,
+            "run.strategy": "fsdp",
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,
