@@ -154,7 +154,7 @@ def pretrain(
         validate(cfg)
         plan = batch_plan(cfg.run.batch_size, cfg.run.grad_accum, env_world_size())
         err_console.print(f"Batch: {plan.describe()} (under torchrun the process count is its world size)",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         console.print_json(cfg.to_json())
         return
     from d2v.distributed import env_rank

@@ -1,0 +1,241 @@
+"""Several processes, one run (torchrun, gloo on the CPU): a 2-process run equals the 1-process run of the same
+config, a run stopped by SIGTERM on one rank checkpoints and resumes at another process count, and a simulated
+two-node launch (c10d rendezvous on 127.0.0.1) joins one run.
+
+Each torchrun launch costs a few seconds of start-up, so every test here launches at most twice."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torch.distributed as td
+
+from d2v import checkpoint as ckpt
+from d2v.config import set_by_path
+from d2v.distributed import BatchPlan, batch_plan
+from d2v.errors import ConfigError
+from d2v.presets import preset_config
+from d2v.train import load_run_config, pretrain
+
+pytestmark = pytest.mark.skipif(not td.is_available() or not td.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+VISION = {"model.dim": 32, "model.depth": 2, "model.num_heads": 2, "targets.top_k": 2, "run.batch_size": 16,
+          "run.steps": 6, "run.log_every": 1}
+SPEECH = {"model.conv_dim": [16, 16, 32, 32, 32, 32, 32], "model.dim": 32, "model.depth": 2, "model.num_heads": 2,
+          "model.ffn_dim": 64, "model.pos_conv_groups": 4, "targets.top_k": 2, "run.batch_size": 4, "run.steps": 4,
+          "run.log_every": 1, "data.crop_seconds": 0.5, "model.dropout": 0.0, "model.attention_dropout": 0.0}
+TEXT = {"model.dim": 32, "model.depth": 2, "model.num_heads": 2, "model.ffn_dim": 64, "model.max_length": 32,
+        "targets.top_k": 2, "data.vocab_size": 400, "run.batch_size": 16, "run.steps": 4, "run.log_every": 1,
+        "model.dropout": 0.0, "model.attention_dropout": 0.0}
+MODALITY = {"vision": VISION, "speech": SPEECH, "text": TEXT}
+
+
+def config(modality: str, **overrides):
+    cfg = preset_config(modality, "tiny")
+    for key, value in {**MODALITY[modality], **overrides}.items():
+        set_by_path(cfg, key, value)
+    return cfg
+
+
+def cli_args(modality: str, **overrides) -> list[str]:
+    args = ["pretrain", "--modality", modality, "--no-progress"]
+    for key, value in {**MODALITY[modality], **overrides}.items():
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
+    return args
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": ""}
+
+
+def torchrun(args: list[str], log_dir: Path, nproc: int = 2, launcher: list[str] | None = None,
+             wait: bool = True, timeout: float = 240):
+    """`torchrun ... -m d2v ARGS`, each rank's output in log_dir/<attempt>/<rank>/std{out,err}.log."""
+    launcher = launcher or ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node", str(nproc),
+           "--log-dir", str(log_dir), "--redirects", "3", "-m", "d2v", *args]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out + rank_logs(log_dir)
+
+
+def rank_logs(log_dir: Path) -> str:
+    return "".join(f"\n--- {p.relative_to(log_dir)}\n{p.read_text()}" for p in sorted(Path(log_dir).rglob("std*.log")))
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ batch arithmetic
+def test_batch_plan_splits_the_global_batch_and_covers_every_position_once():
+    assert batch_plan(16, 2, 2).micro == 4
+    one = [(BatchPlan(16, 1, 1).first(u, 0), 16) for u in range(3)]
+    four = [(BatchPlan(16, 2, 2, r).first(u, m), 4) for u in range(3) for m in range(2) for r in range(2)]
+    covered = lambda plan: sorted(p for first, n in plan for p in range(first, first + n))  # noqa: E731
+    assert covered(one) == covered(four) == list(range(48))
+    with pytest.raises(ConfigError, match="divisible by processes x --grad-accum = 3 x 2 = 6"):
+        batch_plan(16, 2, 3)
+
+
+def test_masks_and_crops_do_not_depend_on_how_the_batch_is_split():
+    from d2v.data.pipeline import build_pipeline
+
+    for modality in ("vision", "speech", "text"):
+        pipe = build_pipeline(config(modality))
+        whole = pipe.micro_batch(8, 8)
+        halves = [pipe.micro_batch(8, 4), pipe.micro_batch(12, 4)]
+        assert torch.equal(whole.mask, torch.cat([h.mask for h in halves])), modality
+        if modality == "text":
+            assert torch.equal(whole.student_inputs, torch.cat([h.student_inputs for h in halves]))
+        if modality == "vision":
+            crops = [pipe.on_device(h, f).inputs for h, f in zip(halves, (8, 12))]
+            torch.testing.assert_close(pipe.on_device(whole, 8).inputs, torch.cat(crops), rtol=0, atol=1e-6)
+        if modality == "speech":
+            torch.testing.assert_close(whole.inputs, torch.cat([h.inputs for h in halves]))
+
+
+def test_dry_run_shows_the_batch_split(monkeypatch):
+    from typer.testing import CliRunner
+
+    from d2v.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--dry-run", "--batch-size", "32", "--grad-accum", "2"])
+    assert result.exit_code == 0, result.output
+    assert "global batch 32 per update = 1 process x 2 accumulated micro-batches x 16 samples" in result.output
+    result = CliRunner().invoke(app, ["pretrain", "--dry-run", "--batch-size", "30", "--grad-accum", "4"])
+    assert result.exit_code == 2 and "must be divisible by processes x --grad-accum = 1 x 4 = 4" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ 1 vs 2 processes
+@pytest.mark.parametrize("modality,accum", [("vision", 2), ("speech", 1), ("text", 1)])
+def test_two_processes_equal_one(tmp_path, modality, accum):
+    """Same global batch: 2 processes (x accum micro-batches each) end with the 1-process weights (within 1e-5).
+    Speech and text masks differ in size per sample, so this also checks the global masked-count normalization."""
+    steps = MODALITY[modality]["run.steps"]
+    one = pretrain(config(modality), out=tmp_path / "one", progress=False)
+    rc, out = torchrun([*cli_args(modality, **{"run.grad_accum": accum}), "--out", str(tmp_path / "two")],
+                       tmp_path / "logs")
+    assert rc == 0, out
+    assert "Traceback" not in out
+    assert max_diff(weights(one.run_dir, steps), weights(tmp_path / "two", steps)) < 1e-5
+    # one metrics log (rank 0's), with losses reduced over ranks
+    a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * max(1.0, abs(x["loss"]))
+        assert abs(x["target_std"] - y["target_std"]) < 0.05 * x["target_std"]
+
+
+# ------------------------------------------------------------------------------------------------ preemption, resume
+def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 120) -> None:
+    path = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the worker process of `rank` under a torchrun launcher (Linux /proc)."""
+    for _ in range(100):
+        for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher_pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find a worker's pid")
+def test_sigterm_on_one_rank_checkpoints_and_resume_on_one_process_equals_uninterrupted(tmp_path):
+    steps = 40
+    ref = pretrain(config("vision", **{"run.steps": steps}), out=tmp_path / "ref", progress=False)
+    run = tmp_path / "run"
+    proc = torchrun([*cli_args("vision", **{"run.steps": steps}), "--out", str(run)], tmp_path / "logs", wait=False)
+    try:
+        _wait_for_step(run, 3, proc)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # preemption of one rank only
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = rank_logs(tmp_path / "logs")
+    assert proc.returncode != 0, out  # torchrun reports the workers' non-zero exit
+    assert "Traceback" not in logs, logs
+    assert "exitcode  : 143" in out or "exitcode: 143" in out.replace(" ", ""), out  # 128 + SIGTERM
+    assert "Interrupted (SIGTERM): saving a checkpoint" in logs
+    stopped = ckpt.latest_checkpoint(run)
+    k = int(stopped.name.split("_")[1])
+    assert 3 <= k < steps
+    # 2 -> 1 processes: the run continues the same sample stream
+    resumed = pretrain(load_run_config(run), out=run, resume=True, progress=False)
+    assert resumed.steps == steps
+    assert max_diff(weights(ref.run_dir, steps), weights(run, steps)) < 1e-5
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, steps + 1))
+
+
+def test_two_node_launch_resumes_a_one_process_run(tmp_path, monkeypatch):
+    """1 -> 2 processes, launched as two single-process 'nodes' (c10d rendezvous on 127.0.0.1)."""
+    from d2v.objective import Data2Vec
+
+    ref = pretrain(config("vision"), out=tmp_path / "ref", progress=False)
+    original = Data2Vec.ema_step
+
+    def ema_step(self, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after update 2: a checkpoint at step 2
+        return original(self, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(Data2Vec, "ema_step", ema_step)
+        part = pretrain(config("vision"), out=tmp_path / "run", progress=False)
+    assert part.steps == 2 and part.signal == signal.SIGINT
+
+    port = free_port()
+    procs = [torchrun(["pretrain", "--out", str(tmp_path / "run"), "--resume", "--no-progress"],
+                      tmp_path / f"logs{node}", nproc=1, wait=False,
+                      launcher=["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "d2v-test"])
+             for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = rank_logs(tmp_path / "logs0") + rank_logs(tmp_path / "logs1")
+    assert [p.returncode for p in procs] == [0, 0], "".join(outs) + logs
+    assert "2 processes (ddp, cpu)" in logs
+    steps = VISION["run.steps"]
+    assert max_diff(weights(ref.run_dir, steps), weights(tmp_path / "run", steps)) < 1e-5
