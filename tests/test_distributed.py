@@ -214,13 +214,13 @@ def test_two_node_launch_resumes_a_one_process_run(tmp_path, monkeypatch):
 
     def ema_step(self, step):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after update 2: a checkpoint at step 2
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal warning after update 2: a checkpoint at step 2
         return original(self, step)
 
     with monkeypatch.context() as m:
         m.setattr(Data2Vec, "ema_step", ema_step)
         part = pretrain(config("vision"), out=tmp_path / "run", progress=False)
-    assert part.steps == 2 and part.signal == signal.SIGINT
+    assert part.steps == 2 and part.signal == signal.SIGUSR1
 
     port = free_port()
     procs = [torchrun(["pretrain", "--out", str(tmp_path / "run"), "--resume", "--no-progress"],
@@ -239,3 +239,41 @@ def test_two_node_launch_resumes_a_one_process_run(tmp_path, monkeypatch):
     assert "2 processes (ddp, cpu)" in logs
     steps = VISION["run.steps"]
     assert max_diff(weights(ref.run_dir, steps), weights(tmp_path / "run", steps)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def test_time_based_checkpoints(tmp_path):
+    """run.checkpoint_minutes: a checkpoint whenever that much time has passed since the last one."""
+    cfg = config("vision", **{"run.steps": 4, "run.checkpoint_minutes": 1e-9, "run.keep_checkpoints": 0})
+    pretrain(cfg, out=tmp_path / "run", progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == [f"step_{s:08d}" for s in (1, 2, 3, 4)]
+    cfg = config("vision", **{"run.steps": 4, "run.keep_checkpoints": 0})  # default 30 minutes: only the end
+    pretrain(cfg, out=tmp_path / "default", progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "default")] == ["step_00000004"]
+
+
+def test_fp16_update_skipped_by_the_scaler_does_not_count(tmp_path, monkeypatch):
+    """An overflowing fp16 update consumes its batch but not a step: the step count, LR and EMA stay put."""
+    from d2v.objective import Data2Vec
+    from d2v.train import lr_at
+
+    original, calls = Data2Vec.forward, []
+
+    def forward(self, batch):
+        loss, stats = original(self, batch)
+        calls.append(1)
+        return (loss * float("inf") if len(calls) == 3 else loss), stats  # the 3rd update overflows
+
+    taus = []
+    ema = Data2Vec.ema_step
+    monkeypatch.setattr(Data2Vec, "forward", forward)
+    monkeypatch.setattr(Data2Vec, "ema_step", lambda self, step: taus.append(step) or ema(self, step))
+    cfg = config("vision", **{"run.steps": 4, "run.precision": "fp16", "run.batch_size": 8})
+    s = pretrain(cfg, out=tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = records[-1]["skipped_updates"]
+    assert s.steps == 4 and [r["step"] for r in records] == [1, 2, 3, 4] and skipped >= 1
+    assert taus == [1, 2, 3, 4]  # one EMA update per counted step
+    assert [r["lr"] for r in records] == [lr_at(cfg.optim, k, 4) for k in range(4)]
+    state = json.loads((s.checkpoint / "state.json").read_text())
+    assert state["step"] == 4 and state["batches"] == 4 + skipped == len(calls)
