@@ -213,7 +213,8 @@ def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality:
     from d2v.config import PretrainConfig, from_dict, set_by_path
     from d2v.errors import ConfigError
 
-    allowed = {"run.device", "data.num_workers", "run.kernels", "run.grad_accum", "run.checkpoint_minutes"}
+    allowed = {"run.device", "data.num_workers", "run.kernels", "run.grad_accum", "run.checkpoint_minutes",
+               "run.strategy"}
     if preset is not None and preset != saved.preset:
         raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
     if modality is not None and modality != saved.modality:

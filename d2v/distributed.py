@@ -207,13 +207,19 @@ def wrap(model: torch.nn.Module, dist: Dist, strategy: str, find_unused: bool = 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         return DDP(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=find_unused)
     if strategy == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # Blocks return their FFN output, a view; only the teacher's (no grad, so no backward hook to lose) is ever
+        # modified in place (ops.targets normalizes it), so FSDP2's warning about views does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
         for net in (model.student, model.teacher):
             for block in net.blocks:
                 fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
+        model.rebind()  # the EMA pairs now hold the sharded parameters
         return model
     raise ConfigError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 

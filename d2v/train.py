@@ -396,14 +396,18 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
 
 def _finite(model: torch.nn.Module) -> bool:
     """All weights and buffers finite (one device reduction per tensor, one host sync)."""
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() and t.numel()]
+    flags = [torch.isfinite(distributed.local(t)).all() for t in model.state_dict().values()
+             if t.is_floating_point() and distributed.local(t).numel()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
 def _save(run_dir, step, batches, model, optimizer, scaler, cfg, dist, strategy) -> Path:
-    """Checkpoint `step`: rank 0 writes it (the replicas are identical); the others wait until it is complete, so
-    that no rank exits, or is killed by torchrun, before the checkpoint exists."""
+    """Checkpoint `step`. Replicated runs: rank 0 writes it, the others wait until it is complete, so that no rank
+    exits, or is killed by torchrun, before the checkpoint exists. FSDP: every rank writes its shards (DCP)."""
     extra = {"scaler": scaler.state_dict() if scaler.is_enabled() else None, "batches": batches}
+    if strategy == "fsdp":
+        return ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, extra, cfg.run.keep_checkpoints,
+                                            dist.is_main, lambda: distributed.barrier(dist))
     path = None
     if dist is None or dist.is_main:
         path = ckpt.save_checkpoint(run_dir, step, model, optimizer, extra, keep=cfg.run.keep_checkpoints)
@@ -413,21 +417,58 @@ def _save(run_dir, step, batches, model, optimizer, scaler, cfg, dist, strategy)
 
 
 def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler, strategy: str) -> tuple[int, int]:
-    """(step, update-batches consumed) of the newest intact checkpoint, loaded into model/optimizer/scaler."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
-    for w in caught:
-        print(f"Warning: {w.message}", file=sys.stderr)
-    try:
-        model.load_state_dict(weights)
-        ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not match the run's model: {str(exc).splitlines()[0]}") from None
+    """(step, update-batches consumed) of the newest intact checkpoint, loaded into model/optimizer/scaler.
+
+    Either checkpoint layout loads into either strategy: single-file into a sharded (FSDP) model, sharded (DCP) into
+    one process or DDP, and sharded at one world size into FSDP at another."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if strategy == "fsdp" and ckpt.is_sharded(path):  # each rank reads only its own slices
+        state = ckpt.read_checkpoint_state(path)
+        template, _ = ckpt.sharded_state(model, optimizer)
+        ckpt.load_sharded_into(path, template)
+        ckpt.load_sharded_state(model, optimizer, template, state["optimizer"]["scalars"])
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
+        for w in caught:
+            print(f"Warning: {w.message}", file=sys.stderr)
+        try:
+            if state.get("layout") == "dcp":  # consolidated from shards; optimizer keyed by parameter name
+                model.load_state_dict(weights)
+                ckpt.load_optimizer_state(optimizer, *_indexed_optimizer_state(model, optimizer, opt_tensors,
+                                                                               state["optimizer"]["scalars"]))
+            elif strategy == "fsdp":  # full tensors, each rank keeps its shard
+                ckpt.load_full_into_sharded(model, optimizer, weights, opt_tensors, state["optimizer"])
+            else:
+                model.load_state_dict(weights)
+                ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match the run's model: "
+                                  f"{str(exc).splitlines()[0]}") from None
     if state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     step = int(state["step"])
     return step, int(state.get("batches", step))
+
+
+def _indexed_optimizer_state(model, optimizer, tensors: dict, scalars: dict) -> tuple[dict, dict]:
+    """Optimizer state by parameter name (a consolidated sharded checkpoint) as load_optimizer_state takes it (by
+    parameter index), for a model that is not sharded."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    pid = {n: i for i, n in enumerate(names)}
+    by_index = {}
+    for key, value in tensors.items():
+        name, what = key[len("state."):].rsplit(".", 1)
+        by_index[f"{pid[name]}.{what}"] = value
+    groups, start = [], 0
+    for g in optimizer.param_groups:
+        first = names[start]
+        group = {k.rsplit(".", 1)[1]: v for k, v in scalars.items() if k.rsplit(".", 1)[0] == f"param_groups.{first}"}
+        groups.append({**group, "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return by_index, {"param_groups": groups, "scalars": {}}
 
 
 def _read_metrics(path: Path) -> list[dict]:

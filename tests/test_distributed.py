@@ -277,3 +277,67 @@ def test_fp16_update_skipped_by_the_scaler_does_not_count(tmp_path, monkeypatch)
     assert [r["lr"] for r in records] == [lr_at(cfg.optim, k, 4) for k in range(4)]
     state = json.loads((s.checkpoint / "state.json").read_text())
     assert state["step"] == 4 and state["batches"] == 4 + skipped == len(calls)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+def _drop_after(run_dir: Path, step: int) -> None:
+    """Lose the checkpoints after `step` (as a node lost before it could save them)."""
+    import shutil
+
+    for p in ckpt.list_checkpoints(run_dir):
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    (run_dir / "checkpoints" / "latest").unlink()
+
+
+def test_fsdp_sharded_checkpoints_resume_at_other_world_sizes_and_export(tmp_path):
+    import shutil
+
+    import d2v
+
+    fsdp = {"run.steps": 6, "run.checkpoint_every": 3, "run.keep_checkpoints": 0}
+    ref = pretrain(config("vision", **fsdp), out=tmp_path / "ref", progress=False)
+    rc, out = torchrun([*cli_args("vision", **fsdp, **{"run.strategy": "fsdp"}), "--out", str(tmp_path / "two")],
+                       tmp_path / "logs")
+    assert rc == 0, out
+    assert "2 processes (fsdp, cpu)" in out and "Traceback" not in out
+    step6 = tmp_path / "two" / "checkpoints" / "step_00000006"
+    assert ckpt.is_sharded(step6) and len(list((step6 / "dcp").glob("*.safetensors"))) == 2  # one file per rank
+    model, _, _ = ckpt.read_checkpoint(step6)  # consolidated in this process
+    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
+
+    # the sharded checkpoint exports to the usual single-file encoder
+    from typer.testing import CliRunner
+
+    from d2v.cli import app
+
+    result = CliRunner().invoke(app, ["export", "checkpoint", str(tmp_path / "two"), "--out", str(tmp_path / "enc"),
+                                      "--no-hf"])
+    assert result.exit_code == 0, result.output
+    enc = d2v.load_encoder(tmp_path / "enc")
+    assert max_diff({k: v for k, v in weights(ref.run_dir, 6).items() if k.startswith("student.")},
+                    {f"student.{k}": v for k, v in enc.state_dict().items()}) < 1e-5
+
+    # sharded (2 ranks) -> one plain process, consolidated
+    shutil.copytree(tmp_path / "two", tmp_path / "to1")
+    _drop_after(tmp_path / "to1", 3)
+    pretrain(load_run_config(tmp_path / "to1"), out=tmp_path / "to1", resume=True, progress=False)
+    assert max_diff(weights(ref.run_dir, 6), weights(tmp_path / "to1", 6)) < 1e-5
+
+    # sharded (2 ranks) -> FSDP on 1 rank: DCP reshards
+    shutil.copytree(tmp_path / "two", tmp_path / "fsdp1")
+    _drop_after(tmp_path / "fsdp1", 3)
+    rc, out = torchrun(["pretrain", "--out", str(tmp_path / "fsdp1"), "--resume", "--no-progress"],
+                       tmp_path / "logs1", nproc=1)
+    assert rc == 0, out
+    model, _, _ = ckpt.read_checkpoint(tmp_path / "fsdp1" / "checkpoints" / "step_00000006")
+    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
+
+    # single-file (1 process) -> FSDP on 2 ranks
+    shutil.copytree(tmp_path / "ref", tmp_path / "from1")
+    _drop_after(tmp_path / "from1", 3)
+    rc, out = torchrun(["pretrain", "--out", str(tmp_path / "from1"), "--resume", "--no-progress",
+                        "--set", "run.strategy=fsdp"], tmp_path / "logs2")
+    assert rc == 0, out
+    model, _, _ = ckpt.read_checkpoint(tmp_path / "from1" / "checkpoints" / "step_00000006")
+    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
