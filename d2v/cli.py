@@ -322,7 +322,7 @@ def _mount_bench() -> None:
         from d2v.bench.cli import app as bench_app
     except ImportError:
         return
-    app.add_typer(bench_app, name="bench", help="Benchmarks of the hot ops.")
+    app.add_typer(bench_app, name="bench", help="Benchmarks: the hot ops, end-to-end pretraining per process count.")
 
 
 _mount_bench()

@@ -242,6 +242,21 @@ def test_two_node_launch_resumes_a_one_process_run(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ one process
+def test_bench_pretrain_reports_samples_per_second(tmp_path):
+    from typer.testing import CliRunner
+
+    from d2v.bench.cli import app
+
+    out = tmp_path / "bench.json"
+    args = [a for a in cli_args("vision", **{"run.steps": 4})[1:] if a != "--no-progress"]
+    result = CliRunner().invoke(app, ["pretrain", "--nproc", "1", "--threads", "1", "--warmup", "1", "--json",
+                                      str(out), "--", *args])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["summary"]["1"]["samples_per_s"] > 0 and data["summary"]["1"]["scaling_efficiency"] == 1.0
+    assert [r["records"] for r in data["rows"]] == [3]
+
+
 def test_time_based_checkpoints(tmp_path):
     """run.checkpoint_minutes: a checkpoint whenever that much time has passed since the last one."""
     cfg = config("vision", **{"run.steps": 4, "run.checkpoint_minutes": 1e-9, "run.keep_checkpoints": 0})
