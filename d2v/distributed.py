@@ -74,6 +74,18 @@ def batch_plan(batch: int, accum: int, world: int, rank: int = 0) -> BatchPlan:
     return BatchPlan(batch, accum, world, rank)
 
 
+def check_strategy(cfg) -> None:
+    """What run.strategy=fsdp cannot do, as a ConfigError before any process group exists."""
+    if cfg.run.strategy != "fsdp":
+        return
+    if cfg.run.precision == "fp16":
+        raise ConfigError("run.strategy=fsdp trains in fp32 or bf16; use --precision bf16 (or run.strategy=ddp)")
+    if getattr(cfg.model, "layerdrop", 0) > 0:
+        raise ConfigError("run.strategy=fsdp cannot skip blocks (model.layerdrop > 0): each process would skip its "
+                          "own blocks while sharded blocks need every process; set model.layerdrop=0 or "
+                          "run.strategy=ddp")
+
+
 # ------------------------------------------------------------------------------------------------ process group
 @dataclass
 class Dist:

@@ -204,7 +204,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": dict(_SPEECH),
         "large": {
             **_SPEECH,
-            "run.strategy": "fsdp",
+            # DDP, not FSDP: with layerdrop each process skips its own blocks, which sharded blocks cannot do
+            # (every process must take part in each block's all-gather).
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,

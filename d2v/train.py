@@ -153,6 +153,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
     validate(cfg)
     distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, distributed.env_world_size())
+    if distributed.launched():
+        distributed.check_strategy(cfg)
     device = resolve_device(cfg.run.device)
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
     dist = distributed.init(device)
@@ -173,8 +175,6 @@ def _pretrain(cfg, out, resume: bool, console, progress: bool, dist) -> Summary:
     device = dist.device
     if device.type == "cpu" and cfg.run.precision == "fp16":
         say("Warning: fp16 on a CPU is emulated and about 14x slower than fp32; --precision bf16 is fast here.")
-    if dist.enabled and cfg.run.strategy == "fsdp" and cfg.run.precision == "fp16":
-        raise ConfigError("run.strategy=fsdp trains in fp32 or bf16; use --precision bf16 (or run.strategy=ddp)")
     wall0 = time.perf_counter()
 
     pipeline = build_pipeline(cfg)  # fills data-dependent model fields (image size, channels, pixel stats)
@@ -247,8 +247,8 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and strategy != "fsdp"
-                else contextlib.nullcontext())  # FSDP2 casts through its mixed-precision policy instead
+    # FSDP2 gathers bf16 parameters (its mixed-precision policy); autocast still picks each op's precision
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
     model.train()
 
     last_loss = float("nan")

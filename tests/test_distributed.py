@@ -305,6 +305,18 @@ def _drop_after(run_dir: Path, step: int) -> None:
     (run_dir / "checkpoints" / "latest").unlink()
 
 
+def test_fsdp_refuses_what_sharding_cannot_do():
+    from d2v.distributed import check_strategy
+
+    check_strategy(config("vision", **{"run.strategy": "fsdp", "run.precision": "bf16"}))
+    with pytest.raises(ConfigError, match="--precision bf16"):
+        check_strategy(config("vision", **{"run.strategy": "fsdp", "run.precision": "fp16"}))
+    with pytest.raises(ConfigError, match="model.layerdrop=0"):
+        check_strategy(config("speech", **{"run.strategy": "fsdp", "model.layerdrop": 0.05}))
+    assert preset_config("vision", "large").run.strategy == "fsdp"
+    assert preset_config("speech", "large").run.strategy == "ddp"  # layerdrop
+
+
 def test_fsdp_sharded_checkpoints_resume_at_other_world_sizes_and_export(tmp_path):
     import shutil
 
