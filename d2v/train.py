@@ -206,8 +206,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
     amp_dtype = PRECISIONS[cfg.run.precision]
     strategy = cfg.run.strategy if dist.enabled else "single"
     find_unused = cfg.modality == "speech" and getattr(cfg.model, "layerdrop", 0) > 0  # dropped blocks get no grad
-    engine = distributed.wrap(model, dist, strategy if dist.enabled else "ddp", find_unused=find_unused,
-                              mp_dtype=amp_dtype)
+    engine = distributed.wrap(model, dist, cfg.run.strategy, find_unused=find_unused, mp_dtype=amp_dtype)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
