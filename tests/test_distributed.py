@@ -257,6 +257,39 @@ def test_bench_pretrain_reports_samples_per_second(tmp_path):
     assert [r["records"] for r in data["rows"]] == [3]
 
 
+def _other_rank_raises(monkeypatch, at_call: int, flags: list[int]):
+    """Make the per-update agreement report what another rank raised (a signal, a divergence) at one update."""
+    import d2v.distributed as distributed
+
+    original, calls = distributed.agree, []
+
+    def agree(values, dist):
+        out = original(values, dist)
+        if len(values) == 4:  # the per-update agreement: signal, diverged, collapse-stop, time-due
+            calls.append(1)
+            if len(calls) == at_call:
+                out = [max(a, b) for a, b in zip(out, flags)]
+        return out
+
+    monkeypatch.setattr(distributed, "agree", agree)
+
+
+def test_a_signal_on_another_rank_stops_this_one_with_a_checkpoint(tmp_path, monkeypatch):
+    _other_rank_raises(monkeypatch, 3, [int(signal.SIGTERM), 0, 0, 0])
+    s = pretrain(config("vision"), out=tmp_path / "run", progress=False)
+    assert s.steps == 3 and s.signal == signal.SIGTERM and s.interrupted
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+
+
+def test_divergence_on_another_rank_stops_this_one_without_saving(tmp_path, monkeypatch):
+    from d2v.train import DivergedError
+
+    _other_rank_raises(monkeypatch, 2, [0, 1, 0, 0])
+    with pytest.raises(DivergedError):
+        pretrain(config("vision", **{"run.checkpoint_every": 1}), out=tmp_path / "run", progress=False)
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000001"  # nothing written after it
+
+
 def test_time_based_checkpoints(tmp_path):
     """run.checkpoint_minutes: a checkpoint whenever that much time has passed since the last one."""
     cfg = config("vision", **{"run.steps": 4, "run.checkpoint_minutes": 1e-9, "run.keep_checkpoints": 0})
