@@ -104,6 +104,7 @@ class Summary:
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers")  # where a run executes, not what it computes
 
 
 class _StopFlag:
@@ -184,16 +185,22 @@ def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[ru
 
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True) -> Summary:
-    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume, `cfg` is ignored in
-    favour of the run's saved config (load it with load_run_config to change the options a resume may change)."""
+    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
+    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`."""
     from rich.console import Console
     from rich.markup import escape
 
     console = console or Console()
     say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
-    run_dir = resolve_run_dir(cfg, out)
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+    run_dir = resolve_run_dir(cfg, out)
+    if resume:
+        saved = load_run_config(run_dir)
+        for key in RESUME_MAY_CHANGE:
+            section, name = key.split(".")
+            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+        cfg = saved
     validate(cfg)
     device = resolve_device(cfg.run.device)
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
