@@ -3,6 +3,7 @@
 // Rows are processed in fixed blocks whose partial sums are added in block order, so the loss does not depend
 // on the number of threads.
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -29,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
               "d2v: pred and target must have one shape (..., D)");
   TORCH_CHECK(reduction == "mean" || reduction == "sum", "d2v: reduction must be 'mean' or 'sum'");
   const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
-  const int64_t D = pred.size(-1), R = D == 0 ? 0 : pred.numel() / D;
+  // R rows of D; with D = 0 still the product of the leading sizes (the mask has that many entries).
+  const int64_t D = pred.size(-1), R = c10::multiply_integers(pred.sizes().slice(0, pred.dim() - 1));
   at::Tensor mask;
   const bool* m = nullptr;
   int64_t count = R;
@@ -43,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
   const double factor = reduction == "mean" ? scale / static_cast<double>(std::max<int64_t>(count, 1)) : scale;
   // The gradient is fp32 whatever pred's dtype: the autograd wrapper scales it by the incoming gradient before
   // rounding (an unscaled fp16 gradient underflows, and a grad scaler's factor overflows fp16).
-  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
+  at::Tensor grad =
+      need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
   float* gp = need_grad ? grad.data_ptr<float>() : nullptr;
   const auto pd = pred.scalar_type(), td = target.scalar_type();
   const char* pp = static_cast<const char*>(pred.data_ptr());

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -140,9 +141,11 @@ struct EmaTables {
   int64_t num_chunks = 0;
 };
 
-std::mutex ema_cache_mutex;
-std::list<std::pair<std::vector<int64_t>, EmaTables>> ema_cache;  // most recent first
+using EmaCache = std::list<std::pair<std::vector<int64_t>, EmaTables>>;  // most recent first
 constexpr size_t kEmaCacheEntries = 8;
+std::mutex ema_cache_mutex;
+// Never destroyed: its device tensors must not be freed after the CUDA allocator at interpreter exit.
+EmaCache& ema_cache = *new EmaCache();
 
 EmaTables ema_tables(const std::vector<cuda::EmaTensor>& tensors, const at::Device& device) {
   std::vector<int64_t> key{device.index()};
@@ -165,7 +168,8 @@ EmaTables ema_tables(const std::vector<cuda::EmaTensor>& tensors, const at::Devi
   entry.tensors_bytes = tensors.size() * sizeof(cuda::EmaTensor);
   entry.num_chunks = static_cast<int64_t>(chunks.size());
   const size_t cbytes = chunks.size() * sizeof(cuda::EmaChunk);
-  at::Tensor host = at::empty({static_cast<int64_t>(entry.tensors_bytes + cbytes)}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(entry.tensors_bytes + cbytes)}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(host.data_ptr(), tensors.data(), entry.tensors_bytes);
   std::memcpy(static_cast<char*>(host.data_ptr()) + entry.tensors_bytes, chunks.data(), cbytes);
   entry.buffer = host.to(device);  // once per parameter set: a synchronous copy is fine here
@@ -216,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
-  const int64_t D = pred.size(-1), R = D == 0 ? 0 : pred.numel() / D;
+  // R rows of D; with D = 0 still the product of the leading sizes (the mask has that many entries).
+  const int64_t D = pred.size(-1), R = c10::multiply_integers(pred.sizes().slice(0, pred.dim() - 1));
   at::Tensor mask;
   if (mask_in.has_value()) {
     TORCH_CHECK(mask_in->numel() == R, "d2v: mask must have pred.shape[:-1]");
@@ -224,8 +229,9 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
   }
   at::Tensor loss = at::zeros({}, pred.options().dtype(at::kFloat));
   // fp32 gradient: the autograd wrapper scales it by the incoming gradient before rounding to pred's dtype.
-  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
-  if (R > 0) {
+  at::Tensor grad =
+      need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
+  if (R > 0 && D > 0) {
     at::Tensor partials = at::empty({cuda::regression_loss_blocks(R)}, pred.options().dtype(at::kFloat));
     at::Tensor counters = at::zeros({2}, pred.options().dtype(at::kLong));
     check(cuda::regression_loss(pred.data_ptr(), dtype_of(pred.scalar_type()), target.data_ptr(),

@@ -19,9 +19,9 @@ constexpr int kMaxPerLane = 32;   // floats of a row one lane holds in registers
 // Grid (ceil(D / (32 * VEC)), B, layers), block (32, kStatRows): thread (x, y) owns channels
 // [c0, c0 + VEC) of one (b, layer) and steps y, y + kStatRows, ...
 template <typename T, int VEC>
-__global__ void __launch_bounds__(32 * kStatRows) instance_stats_kernel(const LayerTable table, const bool* __restrict__ pad,
-                                                                       int64_t T_, int64_t D, int64_t stride_b,
-                                                                       int64_t stride_t, float eps) {
+__global__ void __launch_bounds__(32 * kStatRows)
+    instance_stats_kernel(const LayerTable table, const bool* __restrict__ pad, int64_t T_, int64_t D, int64_t stride_b,
+                          int64_t stride_t, float eps) {
   __shared__ float s_n[kStatRows];
   __shared__ float s_mean[kStatRows][32 * VEC];
   __shared__ float s_m2[kStatRows][32 * VEC];
