@@ -196,6 +196,35 @@ def test_loss_without_grad_returns_empty_grad():
     torch.testing.assert_close(loss.double(), reference.masked_regression_loss_reference(pred, target, dtype=torch.float64))
 
 
+# ---------------------------------------------------------------------------------------------- launches
+def test_no_pointer_table_copies_per_call(monkeypatch):
+    """A captured CUDA graph replays launches, not the host-to-device copy of a pinned pointer table (whose
+    buffer the caching host allocator may since have reused): targets passes its layers as kernel arguments
+    and builds no table at all; EMA builds its tables once per parameter set."""
+    import importlib
+
+    targets_mod = importlib.import_module("d2v.kernels.targets")
+    ema_mod = importlib.import_module("d2v.kernels.ema")
+    built = []
+
+    def counting(real):
+        return lambda tensors, device: built.append(len(tensors)) or real(tensors, device)
+
+    real = importlib.import_module("d2v.kernels._layout").pointer_table
+    monkeypatch.setattr(targets_mod, "pointer_table", counting(real), raising=False)
+    monkeypatch.setattr(ema_mod, "pointer_table", counting(real))
+    monkeypatch.setattr(ema_mod, "_TABLES", type(ema_mod._TABLES)())  # no entry left by another test
+    layers = _layers(3, 2, 5, 16, torch.bfloat16)
+    for _ in range(2):
+        _check_targets(layers, "instance", "layer", _random_mask(2, 5), direct=True)
+    assert built == []
+    teacher = [torch.randn(n, device=DEVICE) for n in (5, 4097)]
+    student = [torch.randn(n, device=DEVICE) for n in (5, 4097)]
+    for _ in range(3):
+        kernels.ema_update_(teacher, student, 0.9)
+    assert built == [2, 2]  # teacher and student tables, on the first call only
+
+
 # ---------------------------------------------------------------------------------------------- in training
 def test_tiny_pretraining_loop_with_triton_ops():
     """A data2vec-shaped step a few times over: teacher targets at masked rows, loss, backward, EMA."""
