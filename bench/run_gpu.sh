@@ -10,7 +10,8 @@
 #   env          device, driver, versions                                       -> env.txt
 #   install      offline editable install that builds the CUDA extension
 #                (pip install --no-build-isolation --no-deps -e ., D2V_BUILD_EXT=1, sm_XY of this GPU)
-#   tests        the cuda-marked tests of both the Triton and the extension backends, compiled, not interpreted
+#   tests-triton every Triton test on CUDA tensors (compiled, not interpreted)
+#   tests-cuda   the cuda-marked tests of the extension (cuda backend), Triton and torch on the GPU
 #   codegen      the no-GPU PTX/SASS checks, for the record                      -> codegen.json
 #   bench-*      the full kernel benchmark, one op (or case) per step; each row is appended to kernels.jsonl as
 #                soon as it is measured, so a step cut short keeps every finished row
@@ -19,7 +20,8 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-STEPS=(env install tests codegen bench-targets-vitb bench-targets-vitl bench-targets-speech bench-ema bench-loss)
+STEPS=(env install tests-triton tests-cuda codegen bench-targets-vitb bench-targets-vitl bench-targets-speech bench-ema-vitb bench-ema-vitl
+       bench-loss)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${STEPS[@]}"; exit 0; fi
 out="${1:-${OUT:-./bench-out}}"
 shift || true
@@ -62,25 +64,30 @@ step_install() {
   "$py" -c 'import torch, d2v.ops.extension as e; print(e.status("cuda")); assert e.status("cuda")[0]'
 }
 
-step_tests() {
-  "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_triton_ops.py tests/test_extension.py tests/test_ops.py \
-    tests/test_bench.py
+step_tests_triton() {  # on a GPU every test of this file runs compiled Triton on CUDA tensors
+  "$py" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py
+}
+
+step_tests_cuda() {  # the cuda-marked cases of every backend: extension (cuda), triton and torch on the GPU
+  "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_extension.py tests/test_ops.py tests/test_bench.py
 }
 
 export py out
-export -f step_env step_install step_tests
+export -f step_env step_install step_tests_triton step_tests_cuda
 export PIP_BREAK_SYSTEM_PACKAGES=1  # a bare machine's system python may be marked externally managed
 
 for step in "${STEPS[@]}"; do
   case "$step" in
     env) run_step env bash -c step_env; cp "$out/env.log" "$out/env.txt" ;;
     install) run_step install bash -c step_install ;;
-    tests) run_step tests bash -c step_tests ;;
+    tests-triton) run_step tests-triton bash -c step_tests_triton ;;
+    tests-cuda) run_step tests-cuda bash -c step_tests_cuda ;;
     codegen) run_step codegen sh -c "'$py' tests/triton_codegen.py > '$out/codegen.json'" ;;
     bench-targets-vitb) run_step "$step" "${bench[@]}" --ops targets --case ViT-B ;;
     bench-targets-vitl) run_step "$step" "${bench[@]}" --ops targets --case ViT-L ;;
     bench-targets-speech) run_step "$step" "${bench[@]}" --ops targets --case speech ;;
-    bench-ema) run_step "$step" "${bench[@]}" --ops ema ;;
+    bench-ema-vitb) run_step "$step" "${bench[@]}" --ops ema --case ViT-B ;;
+    bench-ema-vitl) run_step "$step" "${bench[@]}" --ops ema --case ViT-L ;;
     bench-loss) run_step "$step" "${bench[@]}" --ops loss ;;
     *) echo "unknown step $step; bench/run_gpu.sh --list names them" >&2 ;;
   esac
