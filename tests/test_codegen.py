@@ -28,7 +28,10 @@ def codegen():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout)
+    result = json.loads(res.stdout)
+    if "_unsupported" in result:
+        pytest.skip(f"cannot bind kernels for an offline compile with this triton: {result['_unsupported']}")
+    return result
 
 
 ALIGNED = ["targets rows bf16 layer+final layer", "targets rows bf16 instance", "targets instance stats bf16",

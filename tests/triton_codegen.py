@@ -29,7 +29,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+try:  # triton's own launch-time binding (3.3+): private, so a triton without it is reported, not failed
+    from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+    UNSUPPORTED = None if hasattr(JITFunction, "_pack_args") else "triton.runtime.jit.JITFunction has no _pack_args"
+except ImportError as exc:
+    UNSUPPORTED = f"triton.runtime.jit: {exc}"
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -121,5 +127,6 @@ def cases() -> dict:
 
 
 if __name__ == "__main__":
-    json.dump(cases(), sys.stdout, indent=1, sort_keys=True)
+    json.dump({"_unsupported": f"triton {triton.__version__}: {UNSUPPORTED}"} if UNSUPPORTED else cases(),
+              sys.stdout, indent=1, sort_keys=True)
     print()
