@@ -43,33 +43,37 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
     for (int64_t r = 0; r < R; ++r) count += m[r];
   }
   const double factor = reduction == "mean" ? scale / static_cast<double>(std::max<int64_t>(count, 1)) : scale;
-  // The gradient is fp32 whatever pred's dtype: the autograd wrapper scales it by the incoming gradient before
-  // rounding (an unscaled fp16 gradient underflows, and a grad scaler's factor overflows fp16).
-  at::Tensor grad =
-      need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
-  float* gp = need_grad ? grad.data_ptr<float>() : nullptr;
+  // The gradient is fp32, or bf16 for bf16 pred (fp32's exponent range), never fp16: the autograd wrapper scales
+  // it by the incoming gradient before rounding (an unscaled fp16 gradient underflows, and a grad scaler's
+  // factor overflows fp16).
+  const auto gd = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(gd)) : at::empty({0}, pred_in.options());
+  char* gp = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const bool grad_direct = gd == at::kFloat;  // else through a scratch row, converted on store
   const auto pd = pred.scalar_type(), td = target.scalar_type();
   const char* pp = static_cast<const char*>(pred.data_ptr());
   const char* tp = static_cast<const char*>(target.data_ptr());
-  const size_t ps = c10::elementSize(pd), ts = c10::elementSize(td);
+  const size_t ps = c10::elementSize(pd), ts = c10::elementSize(td), gs = c10::elementSize(gd);
 
   const int64_t blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<double> partial(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(D), q(D);
+    std::vector<float> p(D), q(D), g(D);
     for (int64_t blk = begin; blk < end; ++blk) {
       double sum = 0.0;
       for (int64_t r = blk * kRowsPerBlock; r < std::min(R, (blk + 1) * kRowsPerBlock); ++r) {
-        float* grow = need_grad ? gp + r * D : nullptr;
+        char* grow = need_grad ? gp + r * D * gs : nullptr;
         if (m != nullptr && !m[r]) {
-          if (grow != nullptr) std::memset(grow, 0, D * sizeof(float));
+          if (grow != nullptr) std::memset(grow, 0, D * gs);
           continue;
         }
         const float* prow = reinterpret_cast<const float*>(pp + r * D * ps);
         const float* qrow = reinterpret_cast<const float*>(tp + r * D * ts);
         if (pd != at::kFloat) cpu::load_row(pp + r * D * ps, pd, p.data(), D), prow = p.data();
         if (td != at::kFloat) cpu::load_row(tp + r * D * ts, td, q.data(), D), qrow = q.data();
-        sum += cpu::regression_row(prow, qrow, grow, D, static_cast<float>(beta), static_cast<float>(factor));
+        float* g_out = grow == nullptr ? nullptr : grad_direct ? reinterpret_cast<float*>(grow) : g.data();
+        sum += cpu::regression_row(prow, qrow, g_out, D, static_cast<float>(beta), static_cast<float>(factor));
+        if (grow != nullptr && !grad_direct) cpu::store_row(g.data(), gd, grow, D);
       }
       partial[blk] = sum;
     }

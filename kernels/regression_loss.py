@@ -20,7 +20,7 @@ def _masked_regression_loss_kernel(
     target_ptr,  # (R, D) rows stride_target apart
     mask_ptr,  # (R,) uint8, nonzero at selected rows (HAS_MASK only)
     count_ptr,  # () fp32 number of selected rows (COUNT_ON_DEVICE only)
-    grad_ptr,  # (R, D) contiguous fp32 (NEED_GRAD only)
+    grad_ptr,  # (R, D) contiguous, fp32 or bf16 (NEED_GRAD only)
     partial_ptr,  # (n_programs,) fp32 out: this program's share of the loss
     R, D,
     stride_pred, stride_target,
@@ -59,7 +59,7 @@ def _masked_regression_loss_kernel(
         if NEED_GRAD:
             g = tl.where(ok, g * factor, 0.0)
             out_ok = row_ok[:, None] & (c < D)[None, :]
-            tl.store(grad_ptr + rows[:, None] * D + c[None, :], g, mask=out_ok)
+            tl.store(grad_ptr + rows[:, None] * D + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=out_ok)
     tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0) * factor)
 
 
@@ -70,6 +70,10 @@ def _rows_config(D: int) -> tuple[int, int, int]:
     return rows, block_d, 8 if rows * block_d >= 4096 else 4
 
 
+def _grad_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32
+
+
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (R, D) of a supported dtype with unit stride over D, copying only when required."""
     x = supported(x).reshape(-1, x.shape[-1])
@@ -77,9 +81,10 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
-    """pred, target (..., D); mask bool pred.shape[:-1] or None -> (fp32 loss (), fp32 grad of pred's shape or empty).
+    """pred, target (..., D); mask bool pred.shape[:-1] or None -> (fp32 loss (), grad of pred's shape or empty).
 
-    The gradient stays fp32 (the autograd wrapper folds in the incoming gradient before rounding to pred's dtype).
+    The gradient is fp32, or bf16 for bf16 pred, never fp16: the autograd wrapper folds in the incoming gradient
+    before rounding to pred's dtype.
     """
     with device_of(pred):
         return _loss(pred, target, mask, beta, scale, reduction, need_grad)
@@ -89,11 +94,11 @@ def _loss(pred, target, mask, beta, scale, reduction, need_grad):
     D = pred.shape[-1]
     device = pred.device
     if pred.numel() == 0:  # no rows, or D = 0: zero loss, (empty) zero gradient
-        grad = torch.zeros(pred.shape, dtype=torch.float32, device=device) if need_grad else pred.new_empty(0)
+        grad = torch.zeros(pred.shape, dtype=_grad_dtype(pred), device=device) if need_grad else pred.new_empty(0)
         return torch.zeros((), dtype=torch.float32, device=device), grad
     p, y = _rows_2d(pred), _rows_2d(target)
     R = p.shape[0]
-    grad = torch.empty(pred.shape, dtype=torch.float32, device=device) if need_grad else pred.new_empty(0)
+    grad = torch.empty(pred.shape, dtype=_grad_dtype(pred), device=device) if need_grad else pred.new_empty(0)
     count = None
     factor = float(scale)
     if reduction == "mean":

@@ -326,3 +326,16 @@ def test_tensors_on_another_device_are_refused():
         ops.masked_regression_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4, device="meta"))
     with pytest.raises(ValueError, match="student tensor is on meta"):
         ops.ema_update_([torch.zeros(3)], [torch.zeros(3, device="meta")], 0.9)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backend_loss_gradient_is_never_stored_in_fp16(backend, device, dtype):
+    """Each backend's own gradient: fp32, or bf16 for bf16 pred (fp32's exponent range, half the traffic)."""
+    _skip_unavailable(backend, device)
+    from d2v.ops import backends
+
+    impl = backends.module(backend)
+    pred = torch.randn(4, 8, device=device).to(dtype)
+    _, grad = impl.masked_regression_loss(pred, torch.randn(4, 8, device=device), None, 0.0, 1.0, "mean", True)
+    assert grad.dtype == ops.grad_dtype(dtype) != torch.float16 and grad.is_contiguous()

@@ -144,10 +144,10 @@ def _check_loss(pred, target, mask, beta, reduction, direct=False):
     want = reference.masked_regression_loss_reference(p64, target, mask, beta, 2.0, reduction, dtype=torch.float64)
     want.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    # the kernel's own gradient is fp32 (the autograd wrapper rounds it to pred's dtype after scaling)
-    assert grad.dtype == (torch.float32 if direct else pred.dtype) and grad.shape == pred.shape
+    # the kernel's own gradient is never fp16 (the autograd wrapper rounds it to pred's dtype after scaling)
+    assert grad.dtype == (ops.grad_dtype(pred.dtype) if direct else pred.dtype) and grad.shape == pred.shape
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), p64.grad, **GRAD_TOL[torch.float32 if direct else pred.dtype])
+    torch.testing.assert_close(grad.double(), p64.grad, **GRAD_TOL[grad.dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -113,9 +113,10 @@ def cases() -> dict:
         result[f"ema {name} student"] = counts(compile_sm90(
             ema._ema_update_kernel, *tables, 1e-4, STUDENT_DTYPE=ema.TL_DTYPES[dtype], ALIGNED=True,
             BLOCK=ema.BLOCK, num_warps=ema.NUM_WARPS))
-    # --- loss: bf16 pred, fp32 target, fp32 gradient, masked mean
+    # --- loss: bf16 pred, fp32 target, bf16 gradient (see d2v.ops.grad_dtype), masked mean
     R = B * T
-    pred, target, grad = torch.empty(R, D, dtype=torch.bfloat16), torch.empty(R, D), torch.empty(R, D)
+    pred, target = torch.empty(R, D, dtype=torch.bfloat16), torch.empty(R, D)
+    grad = torch.empty(R, D, dtype=torch.bfloat16)
     mask, count = torch.empty(R, dtype=torch.uint8), torch.empty(())
     rows, block_d, warps = regression_loss._rows_config(D)
     partial = torch.empty(triton.cdiv(R, rows))

@@ -228,16 +228,17 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
     mask = mask_in->to(pred.device(), at::kBool).contiguous();
   }
   at::Tensor loss = at::zeros({}, pred.options().dtype(at::kFloat));
-  // fp32 gradient: the autograd wrapper scales it by the incoming gradient before rounding to pred's dtype.
-  at::Tensor grad =
-      need_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::empty({0}, pred_in.options());
+  // fp32 gradient (bf16 for bf16 pred): the autograd wrapper scales it by the incoming gradient before rounding
+  // to pred's dtype.
+  const auto gd = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(gd)) : at::empty({0}, pred_in.options());
   if (R > 0 && D > 0) {
     at::Tensor partials = at::empty({cuda::regression_loss_blocks(R)}, pred.options().dtype(at::kFloat));
     at::Tensor counters = at::zeros({2}, pred.options().dtype(at::kLong));
     check(cuda::regression_loss(pred.data_ptr(), dtype_of(pred.scalar_type()), target.data_ptr(),
                                 dtype_of(target.scalar_type()), mask.defined() ? mask.data_ptr<bool>() : nullptr, R,
                                 D, static_cast<float>(beta), static_cast<float>(scale), reduction == "mean",
-                                need_grad ? grad.data_ptr<float>() : nullptr, loss.data_ptr<float>(),
+                                need_grad ? grad.data_ptr() : nullptr, loss.data_ptr<float>(),
                                 partials.data_ptr<float>(),
                                 reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()), stream));
   } else if (need_grad) {

@@ -1,5 +1,7 @@
 // CUDA kernels of `masked_regression_loss`: a mask count on the device, then one kernel computing the loss and
 // d(loss)/d(pred) together, whose last block to finish adds the block partials in a fixed order.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace d2v::cuda {
@@ -32,6 +34,11 @@ __global__ void count_mask_kernel(const bool* __restrict__ mask, int64_t R, unsi
   if (threadIdx.x % kWarp == 0 && local != 0) atomicAdd(count, local);
 }
 
+// The gradient's storage type: fp32, or bf16 for bf16 pred (fp32's exponent range); never fp16, which cannot hold
+// the unscaled gradient nor a grad scaler's factor.
+template <typename P>
+using GradType = std::conditional_t<std::is_same_v<P, __nv_bfloat16>, __nv_bfloat16, float>;
+
 struct LossArgs {
   const void* pred;
   const void* target;
@@ -39,7 +46,7 @@ struct LossArgs {
   int64_t R, D;
   float beta, scale;
   bool mean;
-  float* grad;
+  void* grad;  // GradType<P>
   float* loss;
   float* partials;
   unsigned long long* counters;  // [0] selected rows (when mask), [1] blocks done
@@ -52,7 +59,8 @@ __global__ void regression_loss_kernel(const LossArgs a) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const P* pred = static_cast<const P*>(a.pred);
   const Q* target = static_cast<const Q*>(a.target);
-  float* grad = a.grad;
+  using G = GradType<P>;
+  G* grad = static_cast<G*>(a.grad);
   const float count = a.mask == nullptr ? static_cast<float>(a.R) : static_cast<float>(a.counters[0]);
   const float factor = a.mean ? a.scale / fmaxf(count, 1.f) : a.scale;
   const float half_over_beta = a.beta > 0.f ? 0.5f / a.beta : 0.f, inv_beta = a.beta > 0.f ? 1.f / a.beta : 0.f;
@@ -85,7 +93,7 @@ __global__ void regression_loss_kernel(const LossArgs a) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) g[j] = 0.f;
       }
-      if (grad != nullptr) store_float<float, VEC>(grad + off, g);
+      if (grad != nullptr) store_float<G, VEC>(grad + off, g);
     }
   }
   sum = warp_sum(sum);
@@ -128,8 +136,8 @@ void launch_loss_vec(const LossArgs& a, int max_blocks, cudaStream_t stream) {
 
 template <typename P, typename Q>
 void launch_loss(const LossArgs& a, int max_blocks, cudaStream_t stream) {
-  // 16-byte packs of pred: 8 bf16/fp16 or 4 fp32 elements per access (the fp32 target and gradient of 8
-  // elements take two 16-byte accesses).
+  // 16-byte packs of pred: 8 bf16/fp16 or 4 fp32 elements per access (an fp32 target or gradient of 8
+  // elements takes two 16-byte accesses).
   constexpr int kVec = 16 / sizeof(P);
   const bool vec = a.D % kVec == 0 && aligned(a.pred, 16) && aligned(a.target, 16) &&
                    (a.grad == nullptr || aligned(a.grad, 16)) && (a.D * sizeof(Q)) % 16 == 0;
@@ -148,7 +156,7 @@ int regression_loss_blocks(int64_t R) {
 }
 
 cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* target, DType target_dtype,
-                            const bool* mask, int64_t R, int64_t D, float beta, float scale, bool mean, float* grad,
+                            const bool* mask, int64_t R, int64_t D, float beta, float scale, bool mean, void* grad,
                             float* loss, float* partials, unsigned long long* counters, cudaStream_t stream) {
   if (mask != nullptr) {
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((R + 255) / 256, 256));

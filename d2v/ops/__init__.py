@@ -16,11 +16,21 @@ from d2v.ops import backends
 from d2v.ops.backends import BACKENDS, BackendUnavailable
 from d2v.ops.reference import NORMS
 
-__all__ = ["targets", "ema_update_", "masked_regression_loss", "BACKENDS", "BackendUnavailable", "NORMS"]
+__all__ = ["targets", "ema_update_", "masked_regression_loss", "grad_dtype", "BACKENDS", "BackendUnavailable",
+           "NORMS"]
 
 
 def _impl(backend: str, device: torch.device):
     return backends.module(backends.resolve(backend, device.type))
+
+
+def grad_dtype(pred_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the loss gradient the backends return: fp32, except bf16 for bf16 pred.
+
+    fp16 cannot hold the unscaled gradient (~1e-5: subnormals) nor a grad scaler's factor (65536 > 65504), so it
+    is never the storage type; bf16 has fp32's exponent range, and storing bf16 halves the gradient's traffic.
+    """
+    return torch.bfloat16 if pred_dtype == torch.bfloat16 else torch.float32
 
 
 def _same_device(device: torch.device, what: str, tensors) -> None:
@@ -139,8 +149,8 @@ def _loss_op(
 
 @_loss_op.register_fake
 def _(pred, target, mask, beta, scale, reduction, need_grad, backend):
-    # Every backend returns the gradient contiguous and in fp32, whatever pred's layout and dtype.
-    grad = pred.new_empty(pred.shape, dtype=torch.float32) if need_grad else pred.new_empty(0)
+    # Every backend returns the gradient contiguous, in grad_dtype(pred.dtype), whatever pred's layout.
+    grad = pred.new_empty(pred.shape, dtype=grad_dtype(pred.dtype)) if need_grad else pred.new_empty(0)
     return pred.new_empty((), dtype=torch.float32), grad
 
 
@@ -150,11 +160,13 @@ def _loss_setup_context(ctx, inputs, output):
 
 
 def _loss_backward(ctx, grad_loss, _grad_of_grad):
-    # The saved gradient is fp32 and unscaled; the incoming gradient (a grad scaler's 65536, or 1/65536) is
-    # folded in before rounding to pred's dtype, so fp16 neither overflows nor flushes it to zero.
+    # The saved gradient is unscaled and in fp32 (bf16 for bf16 pred: the same exponent range); the incoming
+    # gradient (a grad scaler's 65536, or 1/65536) is folded in, in fp32, before one rounding to pred's dtype,
+    # so fp16 neither overflows nor flushes it to zero. One elementwise kernel either way.
     (grad_pred,) = ctx.saved_tensors
-    grad = (grad_pred * grad_loss.to(torch.float32)).to(ctx.pred_dtype)
-    return grad, None, None, None, None, None, None, None
+    out = torch.empty(grad_pred.shape, dtype=ctx.pred_dtype, device=grad_pred.device)
+    torch.mul(grad_pred, grad_loss.to(torch.float32), out=out)
+    return out, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
