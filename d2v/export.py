@@ -3,6 +3,8 @@ and a Hugging Face transformers directory (Data2Vec*Model layout)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,43 +33,101 @@ def encoder_state_from_run(run_dir: Path, weights: str = "student") -> tuple[dic
                               "preset": cfg.get("preset")}
 
 
-def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bool = True) -> dict[str, Path]:
-    """Write OUT/{config.json, model.safetensors} (d2v) and, with hf, OUT/hf/ (transformers). Returns the paths."""
+def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bool = True,
+                      force: bool = False) -> dict[str, Path]:
+    """Write OUT/{config.json, model.safetensors} (d2v) and, with hf, OUT/hf/ (transformers). Returns the paths.
+
+    The directory is written whole under a temporary name and renamed into place, so OUT is either the complete
+    new export or untouched. An existing non-empty OUT is replaced only with force, and only if it is an export."""
+    run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
+    _check_export_target(run_dir, out, force)
     model_cfg, tensors, source = encoder_state_from_run(run_dir, weights)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"the {weights} weights of {source['run']} (step {source['step']}) are not finite "
+                              f"({len(bad)} tensors, e.g. {bad[0]}): the run diverged; export an earlier checkpoint")
     encoder = _build(model_cfg)
     try:
         encoder.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not match the run's model config: {str(exc).splitlines()[0]}") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
-    _write_safetensors(out / "model.safetensors", state)
-    ckpt.atomic_write_json(out / "config.json", {"format": ENCODER_FORMAT, "version": 1, "model": model_cfg,
-                                                 "source": source})
     tokenizer = _run_file(run_dir, TOKENIZER)
-    if tokenizer is not None:
-        ckpt.atomic_write_bytes(out / TOKENIZER, tokenizer.read_bytes())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_safetensors(tmp / "model.safetensors", state)
+        ckpt.atomic_write_json(tmp / "config.json", {"format": ENCODER_FORMAT, "version": 1, "model": model_cfg,
+                                                     "source": source})
+        if tokenizer is not None:
+            ckpt.atomic_write_bytes(tmp / TOKENIZER, tokenizer.read_bytes())
+        if hf:
+            from d2v import hf_export
+
+            hf_dir = tmp / "hf"
+            hf_dir.mkdir()
+            hf_config, hf_tensors, extra_files = hf_export.convert(model_cfg, state)
+            _write_safetensors(hf_dir / "model.safetensors", hf_tensors, {"format": "pt"})
+            ckpt.atomic_write_json(hf_dir / "config.json", hf_config)
+            for name, content in extra_files.items():
+                ckpt.atomic_write_json(hf_dir / name, content)
+            if tokenizer is not None:
+                ckpt.atomic_write_bytes(hf_dir / TOKENIZER, tokenizer.read_bytes())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     paths = {"d2v": out}
     if hf:
-        from d2v import hf_export
-
-        hf_dir = out / "hf"
-        hf_dir.mkdir(exist_ok=True)
-        hf_config, hf_tensors, extra_files = hf_export.convert(model_cfg, state)
-        _write_safetensors(hf_dir / "model.safetensors", hf_tensors, {"format": "pt"})
-        ckpt.atomic_write_json(hf_dir / "config.json", hf_config)
-        for name, content in extra_files.items():
-            ckpt.atomic_write_json(hf_dir / name, content)
-        if tokenizer is not None:
-            ckpt.atomic_write_bytes(hf_dir / TOKENIZER, tokenizer.read_bytes())
-        paths["hf"] = hf_dir
+        paths["hf"] = out / "hf"
     return paths
+
+
+def _check_export_target(run_dir: Path, out: Path, force: bool) -> None:
+    """OUT must be new, empty, or (with force) an earlier export: never a run directory or anything inside one."""
+    from d2v.rundir import check_writable_dir, enclosing_run
+
+    inside = enclosing_run(out)
+    if inside is not None:
+        where = "is" if inside == out.resolve() else "lies inside"
+        raise CheckpointError(f"--out {out} {where} the run directory {inside}; export to a directory outside runs "
+                              "(exporting there would overwrite the run's files)")
+    if out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents) and out.exists():
+        raise CheckpointError(f"--out {out} contains the run being exported; choose a new directory")
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
+        if not _is_export(out):
+            raise CheckpointError(f"--out {out} is a non-empty directory that is not a d2v export; choose a new "
+                                  "or empty directory")
+        if not force:
+            raise CheckpointError(f"--out {out} already holds an export; pass --force to replace it")
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("format") == ENCODER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory `tmp` to `out`; an earlier `out` is swapped out first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    ckpt._fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, ckpt.FILE_MODE)
     tmp.replace(path)
 
 
@@ -108,7 +168,12 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.
     Text: enc(list_of_strings) tokenizes with the saved tokenizer.json and returns (hidden (B, T, D), attention mask
     (B, T)); token ids (B, T) work too; enc.embed(...) returns the mean over real tokens (B, D).
     """
-    path = Path(path)
+    from d2v.train import resolve_device
+
+    path = Path(path).expanduser()
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} was asked for, but no CUDA device is visible to torch")
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path} is not an exported encoder or a run directory (no config.json)")

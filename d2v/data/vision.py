@@ -199,11 +199,24 @@ def _scan_folder(root: Path, image_size: int, skip_bad_files: bool) -> FolderIma
 
 
 def _resize_array(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, h, w) -> (N, C, size, size), in chunks so that memory peaks at the output; an output that
+    cannot fit in RAM is refused with its size."""
     if size <= 0 or images.shape[-1] == size:
         return images
-    t = torch.from_numpy(images).float()
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return t.round().clamp(0, 255).to(torch.uint8).numpy()
+    from d2v.validation import available_bytes
+
+    n, c = images.shape[:2]
+    need, (have, _) = n * c * size * size, available_bytes("cpu")
+    if have and need > have // 2:
+        raise DataError(f"resizing {n} images to {size}x{size} px needs {need / 2**30:.1f} GiB in memory but this "
+                        f"machine has {have / 2**30:.1f} GiB; choose a smaller --image-size")
+    out = np.empty((n, c, size, size), dtype=np.uint8)
+    chunk = max(1, (64 << 20) // max(1, c * (size * size + images.shape[-1] * images.shape[-2]) * 4))
+    for i in range(0, n, chunk):
+        t = torch.from_numpy(images[i:i + chunk]).float()
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[i:i + chunk] = t.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
 
 
 def load_images(source: str, split: str = "train", image_size: int = 0, skip_bad_files: bool = False,
