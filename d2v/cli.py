@@ -219,8 +219,9 @@ def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality:
     from d2v.config import PretrainConfig, from_dict, set_by_path
     from d2v.errors import ConfigError
 
-    allowed = {"run.device", "data.num_workers", "run.kernels", "run.grad_accum", "run.checkpoint_minutes",
-               "run.strategy"}
+    from d2v.train import RESUME_MAY_CHANGE
+
+    allowed = set(RESUME_MAY_CHANGE)
     if preset is not None and preset != saved.preset:
         raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
     if modality is not None and modality != saved.modality:
@@ -252,10 +253,11 @@ def export_checkpoint(
     from d2v.export import export_checkpoint as run_export
 
     paths = run_export(run_dir, out, weights=weights, hf=hf, force=force)
-    console.print(f"Encoder written to {escape(str(paths['d2v']))} (load with d2v.load_encoder)", highlight=False)
+    console.print(f"Encoder written to {escape(str(paths['d2v']))} (load with d2v.load_encoder)", highlight=False,
+                  soft_wrap=True)
     if "hf" in paths:
         console.print(f"Hugging Face directory written to {escape(str(paths['hf']))} (load with transformers' "
-                      "from_pretrained)", highlight=False)
+                      "from_pretrained)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -286,7 +288,7 @@ def probe(
         result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed,
                             holdout=[p for p in (holdout or "").split(",") if p])
     kind = "random-init" if random_init else "pretrained"
-    console.print(f"Linear probe on {data} ({kind}): test accuracy {result.accuracy:.4f} "
+    console.print(f"Linear probe on {escape(data)} ({kind}): test accuracy {result.accuracy:.4f} "
                   f"(train {result.train_accuracy:.4f}; {result.n_train} train / {result.n_test} test, "
                   f"{result.n_classes} classes, {result.feature_dim}-dim features)")
     if json_out:

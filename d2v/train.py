@@ -103,6 +103,11 @@ class Summary:
     complete: bool = False  # resumed a run that had already finished: nothing was done
 
 
+# Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding).
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers", "run.grad_accum", "run.strategy",
+                     "run.checkpoint_minutes")
+
+
 def resolve_run_dir(cfg: PretrainConfig, out: Path | None, when: float | None = None) -> Path:
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
@@ -150,14 +155,20 @@ def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[ru
 
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True) -> Summary:
-    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume, `cfg` is ignored in
-    favour of the run's saved config (load it with load_run_config to change the options a resume may change).
+    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
+    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`.
 
     Under torchrun every process calls this; they join one process group and train one run (d2v.distributed)."""
     from rich.console import Console
 
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+    if resume:
+        saved = load_run_config(resolve_run_dir(cfg, out))
+        for key in RESUME_MAY_CHANGE:
+            section, name = key.split(".")
+            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+        cfg = saved
     validate(cfg)
     distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, distributed.env_world_size())
     if distributed.launched():

@@ -55,6 +55,15 @@ def test_pretrain_export_load_probe(run_dir, tmp_path):
     with torch.no_grad():
         want = hf(pixel_values=(images - enc.pixel_mean) / enc.pixel_std).last_hidden_state
     torch.testing.assert_close(enc(images), want, atol=1e-5, rtol=1e-4)
+    # As the README shows it: the exported image processor does resize, rescale and the run's normalization.
+    from PIL import Image
+
+    u8 = (np.random.default_rng(0).random((3, 8, 8)) * 255).astype(np.uint8)
+    processor = transformers.AutoImageProcessor.from_pretrained(out / "hf")
+    inputs = processor(images=[Image.fromarray(a, mode="L") for a in u8], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).last_hidden_state, enc(torch.from_numpy(u8)[:, None]),
+                                   atol=1e-5, rtol=1e-4)
 
     js = tmp_path / "probe.json"
     result = run("probe", out, "--data", "digits", "--json", js)

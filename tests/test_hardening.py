@@ -105,6 +105,25 @@ def test_error_mid_run_saves_a_checkpoint_and_resume_matches_the_uninterrupted_r
     assert full.steps == 8
 
 
+def test_full_disk_is_one_sentence_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    original = ckpt.save_checkpoint
+
+    def full_disk(run_dir, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run_dir))
+        return original(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    out = tmp_path / "run"
+    result = run("pretrain", "--out", out, "--checkpoint-every", "4", *tiny_cli_args())
+    fails_with(result, "No space left on device", code=1)
+    assert ckpt.latest_checkpoint(out).name == "step_00000004"
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    assert run("pretrain", "--out", out, "--resume", "--no-progress").exit_code == 0
+
+
 def test_run_directory_without_checkpoint_starts_again(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
