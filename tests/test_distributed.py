@@ -179,10 +179,11 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find a worker's pid")
 def test_sigterm_on_one_rank_checkpoints_and_resume_on_one_process_equals_uninterrupted(tmp_path):
-    steps = 40
-    ref = pretrain(config("vision", **{"run.steps": steps}), out=tmp_path / "ref", progress=False)
+    steps, quiet = 40, {"run.collapse_after": 1.0}  # a tiny model's prediction std dips: not what this tests
+    ref = pretrain(config("vision", **{"run.steps": steps}, **quiet), out=tmp_path / "ref", progress=False)
     run = tmp_path / "run"
-    proc = torchrun([*cli_args("vision", **{"run.steps": steps}), "--out", str(run)], tmp_path / "logs", wait=False)
+    proc = torchrun([*cli_args("vision", **{"run.steps": steps}, **quiet), "--out", str(run)], tmp_path / "logs",
+                    wait=False)
     try:
         _wait_for_step(run, 3, proc)
         os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # preemption of one rank only
