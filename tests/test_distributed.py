@@ -352,53 +352,51 @@ def test_fsdp_refuses_what_sharding_cannot_do():
 
 
 def test_fsdp_sharded_checkpoints_resume_at_other_world_sizes_and_export(tmp_path):
+    """1 process -> FSDP on 2 ranks (single-file checkpoint sharded as it loads) -> sharded checkpoints, which resume
+    on FSDP at 1 rank (DCP reshards) and on one plain process (consolidated), and export; all equal the 1-process
+    run. Two torchrun launches."""
     import shutil
 
-    import d2v
+    from typer.testing import CliRunner
 
-    fsdp = {"run.steps": 6, "run.checkpoint_every": 3, "run.keep_checkpoints": 0}
-    ref = pretrain(config("vision", **fsdp), out=tmp_path / "ref", progress=False)
-    rc, out = torchrun([*cli_args("vision", **fsdp, **{"run.strategy": "fsdp"}), "--out", str(tmp_path / "two")],
-                       tmp_path / "logs")
+    import d2v
+    from d2v.cli import app
+
+    every = {"run.steps": 6, "run.checkpoint_every": 2, "run.keep_checkpoints": 0}
+    ref = pretrain(config("vision", **every), out=tmp_path / "ref", progress=False)
+    want = weights(ref.run_dir, 6)
+
+    # single-file step 2 (1 process) -> FSDP on 2 ranks, which writes sharded steps 4 and 6
+    shutil.copytree(tmp_path / "ref", tmp_path / "two")
+    _drop_after(tmp_path / "two", 2)
+    rc, out = torchrun(["pretrain", "--out", str(tmp_path / "two"), "--resume", "--no-progress",
+                        "--set", "run.strategy=fsdp"], tmp_path / "logs")
     assert rc == 0, out
     assert "2 processes (fsdp, cpu)" in out and "Traceback" not in out
     step6 = tmp_path / "two" / "checkpoints" / "step_00000006"
     assert ckpt.is_sharded(step6) and len(list((step6 / "dcp").glob("*.safetensors"))) == 2  # one file per rank
     model, _, _ = ckpt.read_checkpoint(step6)  # consolidated in this process
-    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
+    assert max_diff(want, model) < 1e-5
 
     # the sharded checkpoint exports to the usual single-file encoder
-    from typer.testing import CliRunner
-
-    from d2v.cli import app
-
     result = CliRunner().invoke(app, ["export", "checkpoint", str(tmp_path / "two"), "--out", str(tmp_path / "enc"),
                                       "--no-hf"])
     assert result.exit_code == 0, result.output
     enc = d2v.load_encoder(tmp_path / "enc")
-    assert max_diff({k: v for k, v in weights(ref.run_dir, 6).items() if k.startswith("student.")},
+    assert max_diff({k: v for k, v in want.items() if k.startswith("student.")},
                     {f"student.{k}": v for k, v in enc.state_dict().items()}) < 1e-5
 
-    # sharded (2 ranks) -> one plain process, consolidated
-    shutil.copytree(tmp_path / "two", tmp_path / "to1")
-    _drop_after(tmp_path / "to1", 3)
-    pretrain(load_run_config(tmp_path / "to1"), out=tmp_path / "to1", resume=True, progress=False)
-    assert max_diff(weights(ref.run_dir, 6), weights(tmp_path / "to1", 6)) < 1e-5
-
-    # sharded (2 ranks) -> FSDP on 1 rank: DCP reshards
+    # sharded step 4 (2 ranks) -> FSDP on 1 rank: DCP reshards
     shutil.copytree(tmp_path / "two", tmp_path / "fsdp1")
-    _drop_after(tmp_path / "fsdp1", 3)
+    _drop_after(tmp_path / "fsdp1", 4)
     rc, out = torchrun(["pretrain", "--out", str(tmp_path / "fsdp1"), "--resume", "--no-progress"],
                        tmp_path / "logs1", nproc=1)
     assert rc == 0, out
     model, _, _ = ckpt.read_checkpoint(tmp_path / "fsdp1" / "checkpoints" / "step_00000006")
-    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
+    assert max_diff(want, model) < 1e-5
 
-    # single-file (1 process) -> FSDP on 2 ranks
-    shutil.copytree(tmp_path / "ref", tmp_path / "from1")
-    _drop_after(tmp_path / "from1", 3)
-    rc, out = torchrun(["pretrain", "--out", str(tmp_path / "from1"), "--resume", "--no-progress",
-                        "--set", "run.strategy=fsdp"], tmp_path / "logs2")
-    assert rc == 0, out
-    model, _, _ = ckpt.read_checkpoint(tmp_path / "from1" / "checkpoints" / "step_00000006")
-    assert max_diff(weights(ref.run_dir, 6), model) < 1e-5
+    # sharded step 4 (2 ranks) -> one plain process, consolidated
+    shutil.copytree(tmp_path / "two", tmp_path / "to1")
+    _drop_after(tmp_path / "to1", 4)
+    pretrain(load_run_config(tmp_path / "to1"), out=tmp_path / "to1", resume=True, progress=False)
+    assert max_diff(want, weights(tmp_path / "to1", 6)) < 1e-5
