@@ -487,33 +487,16 @@ def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler) -> int:
     return int(state["step"])
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics log; a line cut short by a crash (or otherwise unreadable) is dropped."""
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records up to `step` (later ones come from a run that stopped after its last checkpoint)."""
     if not path.exists():
         return
-    keep = [r for r in _read_metrics(path) if r["step"] <= step]
+    keep = [r for r in rundir.read_metrics(path) if r["step"] <= step]
     ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def _last_logged_loss(path: Path) -> float:
-    losses = [r["loss"] for r in _read_metrics(path) if isinstance(r.get("loss"), (int, float))]
+    losses = [r["loss"] for r in rundir.read_metrics(path) if isinstance(r.get("loss"), (int, float))]
     return float(losses[-1]) if losses else float("nan")
 
 
