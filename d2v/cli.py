@@ -107,6 +107,12 @@ def pretrain(
     num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes preparing batches."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
     set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
+    eval_data: Optional[str] = typer.Option(None, help="Labelled set for a live k-NN monitor of the student and "
+                                            "the teacher (built-ins: their test split), logged to metrics.jsonl."),
+    eval_every: Optional[int] = typer.Option(None, help="Updates between k-NN evaluations (default: ten per run)."),
+    log: Optional[str] = typer.Option(None, help="'tensorboard': also write TensorBoard events to RUN/tb."),
+    init_from: Optional[str] = typer.Option(None, help="Start from an encoder: a d2v export or run, or a "
+                                            "transformers Data2Vec*Model directory (its layout is kept)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the fully resolved config and exit."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress (a bar on a terminal, "
                                   "plain lines otherwise)."),
@@ -126,6 +132,7 @@ def pretrain(
         "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
         "data.skip_bad_files": True if skip_bad_files else None,
         "data.vocab_size": vocab_size, "data.doc_per_line": True if doc_per_line else None,
+        "run.eval_data": eval_data, "run.eval_every": eval_every, "run.log": log, "run.init_from": init_from,
     }
     for item in set_:
         if "=" not in item:
@@ -145,12 +152,18 @@ def pretrain(
         for key, value in given.items():
             set_by_path(cfg, key, value)
         cfg.data.source = _resolve_source(cfg.data.source)
+        cfg.run.eval_data = _resolve_source(cfg.run.eval_data) if cfg.run.eval_data else ""
+        cfg.run.init_from = _resolve_source(cfg.run.init_from) if cfg.run.init_from else ""
     validate(cfg, memory=not dry_run)
     if dry_run:
         from d2v.data.pipeline import build_pipeline
         from d2v.distributed import batch_plan, env_world_size
         from d2v.validation import memory_problem
 
+        if cfg.run.init_from:
+            from d2v.train import adopt_layout
+
+            adopt_layout(cfg)
         build_pipeline(cfg)  # resolves data-dependent fields
         validate(cfg, data_ready=True, memory=False)
         plan = batch_plan(cfg.run.batch_size, cfg.run.grad_accum, env_world_size())
@@ -201,16 +214,12 @@ def _resolve_source(source: str) -> str:
     """A data path as an absolute path (so that --resume works from any directory); built-in names unchanged."""
     import os
 
+    from d2v.validation import _is_builtin
+
     expanded = os.path.expanduser(source)
     if os.path.exists(expanded) and (os.sep in source or source.startswith((".", "~")) or not _is_builtin(source)):
         return str(Path(expanded).resolve())
     return expanded if source.startswith("~") else source
-
-
-def _is_builtin(name: str) -> bool:
-    from d2v.data import speech, text, vision
-
-    return any(name in getattr(mod, "BUILTIN", ()) for mod in (vision, speech, text))
 
 
 def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality: Optional[str]) -> None:

@@ -80,6 +80,9 @@ def check_strategy(cfg) -> None:
         return
     if cfg.run.precision == "fp16":
         raise ConfigError("run.strategy=fsdp trains in fp32 or bf16; use --precision bf16 (or run.strategy=ddp)")
+    if cfg.run.eval_data:
+        raise ConfigError("the k-NN monitor (run.eval_data) needs the whole model in one process; with "
+                          "run.strategy=fsdp leave run.eval_data empty (or use run.strategy=ddp)")
     if getattr(cfg.model, "layerdrop", 0) > 0:
         raise ConfigError("run.strategy=fsdp cannot skip blocks (model.layerdrop > 0): each process would skip its "
                           "own blocks while sharded blocks need every process; set model.layerdrop=0 or "
