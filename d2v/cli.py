@@ -323,6 +323,55 @@ def _check_writable_file(path: Path, what: str) -> None:
 
 @app.command()
 @user_errors
+def finetune(
+    encoder: Path = typer.Argument(..., help="The pretrained encoder: a d2v export or run, or a transformers "
+                                   "Data2Vec*Model directory."),
+    data: str = typer.Option("digits", help="Labelled data, as d2v probe takes it (built-in, class folders, .npz)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/finetune-<time>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning run in --out."),
+    epochs: float = typer.Option(30.0, help="Passes over the training split (ignored with --steps)."),
+    steps: int = typer.Option(0, help="Optimizer updates (0: from --epochs)."),
+    batch_size: int = typer.Option(64, help="Samples per update."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate of the top layer and the head."),
+    layer_decay: float = typer.Option(0.65, help="Learning-rate factor per block below the top (1: none)."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, tokens)."),
+    label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
+    holdout: Optional[str] = typer.Option(None, help="Speech: globs of the files to test on, as d2v probe."),
+    random_init: bool = typer.Option(False, "--random-init", help="Fine-tune the untrained architecture (baseline)."),
+    seed: int = typer.Option(0, help="Seed for the head, the order and the crops."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+):
+    """Fine-tune an encoder for classification (mean-pooled last layer -> linear head); prints test accuracy.
+
+    Ctrl-C or SIGTERM saves a checkpoint and exits with 130 / 143; --resume continues exactly."""
+    import time
+
+    from d2v.errors import ConfigError
+    from d2v.finetune import FinetuneConfig, finetune as run_finetune
+
+    if resume and out is None:
+        raise ConfigError("--resume needs --out RUN_DIR naming the fine-tuning run to continue")
+    out = out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = FinetuneConfig(encoder=str(encoder.expanduser().resolve()), data=_resolve_source(data), holdout=holdout or "",
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+                         random_init=random_init, device=device)
+    summary = run_finetune(cfg, out, resume=resume, console=console, progress=progress)
+    if summary.complete:
+        return
+    kind = "random-init" if random_init else "pretrained"
+    console.print(f"Fine-tuned ({kind}) on {escape(data)}: test accuracy {summary.test_accuracy:.4f} after "
+                  f"{summary.steps} steps ({summary.wall_s:.0f} s); run directory {escape(str(summary.run_dir))}",
+                  highlight=False, soft_wrap=True)
+    if summary.signal:
+        console.print(f"Next: d2v finetune {_quote(encoder)} --out {_quote(summary.run_dir)} --resume",
+                      soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(128 + summary.signal)
+
+
+@app.command()
+@user_errors
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain."),
     out: Optional[Path] = typer.Option(None, help="PNG to write. Default: RUN_DIR/metrics.png."),

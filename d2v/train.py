@@ -637,8 +637,9 @@ class _Bar:
             self.console.print(f"step {step}/{self.total}  {_stats_text(**fields)}  {elapsed:.0f} s", highlight=False)
 
 
-def _stats_text(loss: float, lr: float, tau: float, rate: float) -> str:
-    return f"loss {loss:.4f} lr {lr:.1e} tau {tau:.4f} {rate:.0f}/s"
+def _stats_text(loss: float, lr: float, tau: float | None = None, rate: float | None = None) -> str:
+    text = f"loss {loss:.4f} lr {lr:.1e}"
+    return text + (f" tau {tau:.4f}" if tau is not None else "") + (f" {rate:.0f}/s" if rate is not None else "")
 
 
 @contextlib.contextmanager
