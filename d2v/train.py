@@ -103,6 +103,8 @@ class Summary:
     complete: bool = False  # resumed a run that had already finished: nothing was done
 
 
+_StopFlag = distributed.StopSignals  # Ctrl-C / SIGTERM / SIGUSR1 -> save and stop (d2v.finetune uses it too)
+
 # Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding).
 RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers", "run.grad_accum", "run.strategy",
                      "run.checkpoint_minutes")

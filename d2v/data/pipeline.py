@@ -109,14 +109,17 @@ def _masks(mc, grid: tuple[int, int], rngs: list[np.random.Generator]) -> np.nda
 
 
 def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip: bool,
-                        rngs: list[np.random.Generator]) -> torch.Tensor:
+                        rngs: np.random.Generator | list[np.random.Generator]) -> torch.Tensor:
     """Per-sample random crop (area fraction in `scale`, aspect in [3/4, 4/3]) resized back, and optional flip.
 
-    Batched on the images' device with one grid_sample; the parameters of sample b come from rngs[b].
+    Batched on the images' device with one grid_sample; the parameters of sample b come from rngs[b] (or, given
+    one generator, from it for every sample in turn).
     """
     B = images.shape[0]
     if tuple(scale) == (1.0, 1.0) and not hflip:
         return images
+    if isinstance(rngs, np.random.Generator):
+        rngs = [rngs] * B
     draws = np.array([[rng.uniform(scale[0], scale[1]), rng.uniform(math.log(3 / 4), math.log(4 / 3)),
                        rng.uniform(-1, 1), rng.uniform(-1, 1), rng.random()] for rng in rngs]).reshape(B, 5)
     area, log_ratio, ux, uy, coin = draws.T
