@@ -135,7 +135,7 @@ class DataConfig:
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
     doc_per_line: bool = False  # text: one document per line (else one per file)
     crop_seconds: float = 15.625  # speech: random crops of at most this long (wav2vec 2.0: 250k samples)
-    num_workers: int = 0
+    num_workers: int = -1  # DataLoader workers; -1: automatic (files: one per spare core, up to 8; in memory: 0)
 
 
 @dataclass

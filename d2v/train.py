@@ -15,7 +15,8 @@ import torch
 
 from d2v import checkpoint as ckpt
 from d2v.config import PretrainConfig, from_dict
-from d2v.data.pipeline import MicroBatches, build_pipeline, collate_one
+from d2v.data.loader import batch_loader
+from d2v.data.pipeline import build_pipeline
 from d2v.errors import CheckpointError, ConfigError
 from d2v.models import build_encoder
 from d2v.objective import Data2Vec
@@ -150,7 +151,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
     wall0 = time.perf_counter()
 
-    pipeline = build_pipeline(cfg)  # fills data-dependent model fields (image size, channels, pixel stats)
+    # fills data-dependent model fields (image size, channels, pixel stats); a resumed run reads its saved data list
+    pipeline = build_pipeline(cfg, run_dir if resume else None)
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -171,10 +173,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
     _truncate_metrics(metrics_path, start)
 
     total, accum, B = cfg.run.steps, cfg.run.grad_accum, cfg.run.batch_size
-    loader = torch.utils.data.DataLoader(
-        MicroBatches(pipeline, start * accum, total * accum), batch_size=None, collate_fn=collate_one,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = batch_loader(pipeline, start * accum, total * accum, cfg.data.num_workers, device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())

@@ -44,13 +44,18 @@ def rng_for(seed: int, *keys: int) -> np.random.Generator:
 
 
 class VisionPipeline:
-    def __init__(self, cfg: PretrainConfig):
-        from d2v.data.vision import BUILTIN, load_images, pixel_stats
+    """In-memory images are batched whole and cropped on the device (one grid_sample); image files are decoded and
+    cropped from their original resolution in micro_batch, i.e. in DataLoader workers."""
+
+    def __init__(self, cfg: PretrainConfig, run_dir=None):
+        from d2v.data.vision import BUILTIN, FileImages, load_images, pixel_stats
         from d2v.models.vision import auto_patch_size
 
         self.cfg = cfg
         split = "train" if cfg.data.source in BUILTIN else "all"  # built-ins keep their test split for probes
-        self.dataset = load_images(cfg.data.source, split, cfg.data.image_size, cfg.data.skip_bad_files)
+        self.dataset = load_images(cfg.data.source, split, cfg.data.image_size, cfg.data.skip_bad_files,
+                                   run_dir=run_dir)
+        self.files = self.reads_files = isinstance(self.dataset, FileImages)
         if len(self.dataset) == 0:
             raise DataError(f"data {cfg.data.source!r} holds no images")
         c, h, _ = self.dataset.shape
@@ -75,12 +80,26 @@ class VisionPipeline:
         """Micro-batch number k of the run (k = step * grad_accum + micro)."""
         B = self.cfg.run.batch_size
         idx = self.order.indices(k * B, B)
-        images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
+        if self.files:  # (B, C, H, W) uint8, cropped from the originals; one rng per sample
+            d = self.cfg.data
+            images = self.dataset.train_batch(idx, d.crop_scale, d.hflip,
+                                              [rng_for(self.cfg.run.seed, 2, k, b) for b in range(B)])
+        else:
+            images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
         mc = self.cfg.mask
         mask = _masks(mc, B, self.grid, rng_for(self.cfg.run.seed, 1, k))
         return Batch(inputs=images, mask=torch.from_numpy(mask))
 
+    def run_files(self) -> dict[str, bytes]:
+        """The list of image files, kept in the run directory so a resumed run reads the same samples."""
+        from d2v.data.sources import MANIFEST_NAME
+
+        return {MANIFEST_NAME: self.dataset.samples.to_manifest()} if self.files else {}
+
     def on_device(self, batch: Batch, k: int) -> Batch:
+        if self.files:  # already cropped in micro_batch
+            batch.inputs = batch.inputs.float() / 255.0
+            return batch
         batch.inputs = random_resized_crop(batch.inputs, self.cfg.data.crop_scale, self.cfg.data.hflip,
                                            rng_for(self.cfg.run.seed, 2, k))
         return batch
@@ -118,9 +137,10 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def build_pipeline(cfg: PretrainConfig):
+def build_pipeline(cfg: PretrainConfig, run_dir=None):
+    """The modality's pipeline; run_dir (when resuming) holds the files the run saved, such as its data manifest."""
     if cfg.modality == "vision":
-        return VisionPipeline(cfg)
+        return VisionPipeline(cfg, run_dir)
     if cfg.modality == "text":
         from d2v.data.text import TextPipeline
 
@@ -128,22 +148,5 @@ def build_pipeline(cfg: PretrainConfig):
     if cfg.modality == "speech":
         from d2v.data.speech import SpeechPipeline
 
-        return SpeechPipeline(cfg)
+        return SpeechPipeline(cfg, run_dir)
     raise ConfigError(f"unknown modality {cfg.modality!r}")
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batches first .. last - 1 of a pipeline, so a DataLoader can prepare them in worker processes."""
-
-    def __init__(self, pipeline, first: int, last: int):
-        self.pipeline, self.first, self.last = pipeline, first, last
-
-    def __len__(self) -> int:
-        return self.last - self.first
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.pipeline.micro_batch(self.first + i)
-
-
-def collate_one(batch: Batch) -> Batch:
-    return batch
