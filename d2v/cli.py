@@ -81,6 +81,7 @@ def pretrain(
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
     vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
     doc_per_line: bool = typer.Option(False, "--doc-per-line", help="One document per line, else one per file (text)."),
+    tokenizer: Optional[str] = typer.Option(None, help="A tokenizer.json to use instead of training a BPE (text)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -108,6 +109,7 @@ def pretrain(
         "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
         "data.skip_bad_files": True if skip_bad_files else None,
         "data.vocab_size": vocab_size, "data.doc_per_line": True if doc_per_line else None,
+        "data.tokenizer": tokenizer,
     }
     for item in set_:
         if "=" not in item:

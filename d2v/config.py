@@ -133,6 +133,7 @@ class DataConfig:
     hflip: bool = True
     skip_bad_files: bool = False
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
+    tokenizer: str = ""  # text: a tokenizer.json to use instead of training one (e.g. RoBERTa's BPE)
     doc_per_line: bool = False  # text: one document per line (else one per file)
     crop_seconds: float = 15.625  # speech: random crops of at most this long (wav2vec 2.0: 250k samples)
     num_workers: int = -1  # DataLoader workers; -1: automatic (files: one per spare core, up to 8; in memory: 0)
