@@ -31,6 +31,14 @@ def expand(source: str) -> Path:
     return Path(os.path.expanduser(str(source))).absolute()
 
 
+def cache_dir() -> Path:
+    """Where d2v keeps data it derives (tokenized corpora, trained tokenizers, generated sets): $D2V_CACHE_DIR,
+    else $XDG_CACHE_HOME/d2v, else ~/.cache/d2v."""
+    if os.environ.get("D2V_CACHE_DIR"):
+        return expand(os.environ["D2V_CACHE_DIR"])
+    return expand(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "d2v"
+
+
 def _braces(pattern: str) -> list[str]:
     """Expand one WebDataset-style range such as shard-{000..099}.tar (zero padding kept)."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
@@ -46,7 +54,8 @@ class SampleList:
     """Samples of a source: names (relative path or shard key with its member's extension) in a fixed order.
 
     kind 'folder': name is a path under root. kind 'tar': the bytes are member data in shards[shard[i]] at
-    offset[i], size[i] bytes. kind 'tsv': name is a path under root, frames[i] its length from the manifest.
+    offset[i], size[i] bytes. kind 'tsv': name is a path under root. frames[i], where known, is the length of an
+    audio sample at the model's sample rate (fairseq manifests count 16 kHz frames).
     """
 
     kind: str
@@ -57,7 +66,7 @@ class SampleList:
     shard: np.ndarray | None = None  # int32 (N,)
     offset: np.ndarray | None = None  # int64 (N,)
     size: np.ndarray | None = None  # int64 (N,)
-    frames: np.ndarray | None = None  # int64 (N,): audio frames at the file's own rate (tsv), else None
+    frames: np.ndarray | None = None  # int64 (N,): audio length at the model's rate, or None
 
     def __len__(self) -> int:
         return int(self.ends.size)

@@ -14,7 +14,7 @@ import torch
 
 from d2v.data.labels import labels_from_names
 from d2v.data.pipeline import SampleOrder, rng_for
-from d2v.data.sources import expand
+from d2v.data.sources import cache_dir, expand
 from d2v.errors import ConfigError, DataError
 from d2v.masking import bert_corrupt, token_masks
 from d2v.objective import Batch
@@ -349,14 +349,6 @@ def pack(tok, docs: list[str], length: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- token cache
-def cache_dir() -> Path:
-    """Where tokenized corpora and trained tokenizers are kept: $D2V_CACHE_DIR, else $XDG_CACHE_HOME/d2v, else
-    ~/.cache/d2v."""
-    if os.environ.get("D2V_CACHE_DIR"):
-        return expand(os.environ["D2V_CACHE_DIR"])
-    return expand(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "d2v"
-
-
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
