@@ -1,8 +1,6 @@
 """Labels of a folder dataset: the class of a file is its first-level sub-folder."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 
@@ -17,8 +15,3 @@ def labels_from_names(names: list[str]) -> tuple[np.ndarray | None, list[str]]:
         return None, []
     index = {name: i for i, name in enumerate(classes)}
     return np.array([index[f] for f in firsts], dtype=np.int64), classes
-
-
-def labels_from_subfolders(root: Path, files: list[Path]) -> tuple[np.ndarray | None, list[str]]:
-    """As labels_from_names, for files under root."""
-    return labels_from_names([Path(f).relative_to(root).as_posix() for f in files])

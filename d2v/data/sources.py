@@ -107,7 +107,7 @@ class SampleList:
         indices = np.asarray(indices, dtype=np.int64)
         names = [self.name(int(i)) for i in indices]
         pick = lambda a: None if a is None else a[indices]  # noqa: E731
-        out = _from_names(self.kind, self.root, names)
+        out = from_names(self.kind, self.root, names)
         out.shards, out.shard, out.offset, out.size, out.frames = (self.shards, pick(self.shard), pick(self.offset),
                                                                     pick(self.size), pick(self.frames))
         return out
@@ -130,7 +130,7 @@ class SampleList:
         return (header + shards + body).encode()
 
 
-def _from_names(kind: str, root: str, names: list[str]) -> SampleList:
+def from_names(kind: str, root: str, names: list[str]) -> SampleList:
     encoded = [n.encode("utf-8") for n in names]
     ends = np.cumsum([len(e) for e in encoded], dtype=np.int64) if encoded else np.zeros(0, np.int64)
     blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
@@ -159,7 +159,7 @@ def read_manifest(path: Path, source: str) -> SampleList:
     rows = [ln.split("\t") for ln in lines[1 + len(shards):] if ln]
     if len(rows) != count:
         raise DataError(f"the run's data manifest {path} lists {len(rows)} samples but says {count}")
-    out = _from_names(kind, root, [r[0] for r in rows])
+    out = from_names(kind, root, [r[0] for r in rows])
     col = 1
     if kind == "tar":
         out.shards = shards
@@ -188,7 +188,7 @@ def list_folder(root: Path, suffixes: set[str]) -> SampleList:
             if os.path.splitext(f)[1].lower() in suffixes:
                 names.append(f if rel == "." else os.path.join(rel, f))
     names.sort()
-    return _from_names("folder", str(root), names)
+    return from_names("folder", str(root), names)
 
 
 def shard_paths(source: str) -> list[Path] | None:
@@ -230,7 +230,7 @@ def list_shards(shards: list[Path], suffixes: set[str], source: str) -> SampleLi
                         size.append(member.size)
         except (tarfile.TarError, OSError) as exc:
             raise DataError(f"cannot read shard {path} ({exc}); shards must be uncompressed .tar files") from None
-    out = _from_names("tar", str(source), names)
+    out = from_names("tar", str(source), names)
     out.shards = [str(p) for p in shards]
     out.shard = np.array(shard, dtype=np.int32)
     out.offset = np.array(offset, dtype=np.int64)
@@ -256,7 +256,7 @@ def list_tsv(path: Path) -> SampleList:
             frames.append(int(cols[1]) if len(cols) > 1 else -1)
         except ValueError:
             raise DataError(f"manifest {path} line {n}: expected 'path<TAB>frames', got {line!r}") from None
-    out = _from_names("tsv", str(root), names)
+    out = from_names("tsv", str(root), names)
     out.frames = np.array(frames, dtype=np.int64)
     return out
 

@@ -14,7 +14,7 @@ import torch
 
 from d2v.config import PretrainConfig
 from d2v.data.labels import labels_from_names
-from d2v.data.sources import SampleList, expand, list_source
+from d2v.data.sources import SampleList, expand, from_names, list_source
 from d2v.errors import ConfigError, DataError
 from d2v.objective import Batch
 
@@ -235,9 +235,7 @@ def load_audio(source: str, skip_bad_files: bool = False, sample_rate: int = 160
 
 
 def _single_file(path: Path) -> SampleList:
-    from d2v.data.sources import _from_names
-
-    return _from_names("folder", str(path.parent), [path.name])
+    return from_names("folder", str(path.parent), [path.name])
 
 
 def default_holdout(source: str) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 from d2v.data.labels import labels_from_names
 from d2v.data.pipeline import SampleOrder, rng_for
-from d2v.data.sources import cache_dir, expand
+from d2v.data.sources import SampleList, from_names, cache_dir, expand, list_source
 from d2v.errors import ConfigError, DataError
 from d2v.masking import bert_corrupt, token_masks
 from d2v.objective import Batch
@@ -26,26 +26,21 @@ BUILTIN = ("pydoc", "fortunes")
 MIN_CATEGORY = 20  # fortune files with fewer entries are left out of the probe's classes
 
 
-@dataclass
-class Corpus:
-    """Documents, with a class per document where the source has them (fortune file, sub-folder)."""
-
-    docs: list[str]
-    labels: np.ndarray | None = None
-    classes: list[str] = field(default_factory=list)
-    skipped: int = 0  # files decoded with replacement characters under --skip-bad-files
-
-
 # ------------------------------------------------------------------------------------------------ reading
 PIECE_BYTES = 1 << 20  # large files are read, trained on and tokenized in pieces of about this size, cut at newlines
 
 
-def _check_utf8(path: Path, skip_bad_files: bool) -> bool:
+def _binary(src):
+    """A binary file object for a path or an in-memory shard member."""
+    return open(src, "rb") if isinstance(src, (str, Path)) else src
+
+
+def _check_utf8(src, name: str, skip_bad_files: bool) -> bool:
     """True if the file is UTF-8; else False under skip_bad_files, or a DataError naming the file and offset.
     Reads the file in pieces, so a large file never sits in memory whole."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as f:
+    with _binary(src) as f:
         while True:
             chunk = f.read(PIECE_BYTES)
             try:
@@ -55,17 +50,17 @@ def _check_utf8(path: Path, skip_bad_files: bool) -> bool:
                     return False
                 at = offset + exc.start - len(decoder.getstate()[0])
                 bad = (chunk[exc.start] if 0 <= exc.start < len(chunk) else 0)
-                raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{bad:02x} at byte offset {max(at, 0)}); "
+                raise DataError(f"{name} is not UTF-8 text (invalid byte 0x{bad:02x} at byte offset {max(at, 0)}); "
                                 f"convert it or pass --skip-bad-files to leave it out") from None
             if not chunk:
                 return True
             offset += len(chunk)
 
 
-def _file_pieces(path: Path):
+def _file_pieces(src):
     """The text of a UTF-8 file in pieces of about PIECE_BYTES, each ending at a newline (or the file's end)."""
     rest = b""
-    with open(path, "rb") as f:
+    with _binary(src) as f:
         while True:
             chunk = f.read(PIECE_BYTES)
             if not chunk:
@@ -83,37 +78,46 @@ def _file_pieces(path: Path):
 
 @dataclass
 class TextFiles:
-    """A corpus read from files: documents are streamed (one per file, or one per non-blank line), never all held.
+    """A corpus read from files (a folder, one file, tar shards, fortune files): documents are streamed (one per
+    file, or one per non-blank line), never all held.
 
     pieces() yields (text, starts_document, ends_document); a document larger than PIECE_BYTES comes in pieces."""
 
-    files: list[Path]
+    samples: SampleList
     doc_per_line: bool
     skip_bad_files: bool
     skipped: int = 0  # non-UTF-8 files left out under --skip-bad-files
     fortune: bool = False  # fortune files: entries separated by '%' lines
 
-    def usable(self) -> list[Path]:
-        good = [f for f in self.files if _check_utf8(f, self.skip_bad_files)]
-        self.skipped = len(self.files) - len(good)
+    def usable(self) -> list[int]:
+        s = self.samples
+        good = [i for i in range(len(s)) if _check_utf8(s.open(i), s.where(i), self.skip_bad_files)]
+        self.skipped = len(s) - len(good)
         return good
 
-    def pieces(self, files: list[Path] | None = None):
-        for f in self.usable() if files is None else files:
+    def _size(self, i: int) -> int:
+        s = self.samples
+        return int(s.size[i]) if s.size is not None else os.stat(s.open(i)).st_size
+
+    def pieces(self, files: list[int] | None = None):
+        s = self.samples
+        for i in self.usable() if files is None else files:
             if self.fortune:
-                for entry in _fortune_entries(f.read_text(encoding="utf-8")):
-                    yield entry, True, True
+                with _binary(s.open(i)) as f:
+                    for entry in _fortune_entries(f.read().decode("utf-8")):
+                        yield entry, True, True
             elif self.doc_per_line:
-                for piece in _file_pieces(f):
+                for piece in _file_pieces(s.open(i)):
                     for line in piece.splitlines():
                         if line.strip():
                             yield line, True, True
-            elif f.stat().st_size <= PIECE_BYTES:
-                text = f.read_text(encoding="utf-8")
+            elif self._size(i) <= PIECE_BYTES:
+                with _binary(s.open(i)) as f:
+                    text = f.read().decode("utf-8")
                 if text.strip():
                     yield text, True, True
             else:
-                parts = _file_pieces(f)
+                parts = _file_pieces(s.open(i))
                 prev = next(parts, None)
                 first = True
                 for part in parts:
@@ -126,11 +130,11 @@ class TextFiles:
         """sha256 of the corpus as read: file names, their bytes and how they are split into documents."""
         h = hashlib.sha256(f"d2v text v1 per_line={self.doc_per_line} fortune={self.fortune} "
                            f"skip={self.skip_bad_files}\n".encode())
-        root = os.path.commonpath([str(f.parent) for f in self.files]) if self.files else ""
-        for f in self.files:
-            h.update(f"{os.path.relpath(f, root)}\0{f.stat().st_size}\0".encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(PIECE_BYTES), b""):
+        s = self.samples
+        for i in range(len(s)):
+            h.update(f"{s.name(i)}\0{self._size(i)}\0".encode())
+            with _binary(s.open(i)) as f:
+                for chunk in iter(lambda: f.read(PIECE_BYTES), b""):
                     h.update(chunk)
         return h.hexdigest()
 
@@ -185,13 +189,19 @@ def fortune_files() -> list[Path]:
                     f"which is not installed (looked in {', '.join(str(d) for d in FORTUNE_DIRS)})")
 
 
-def _text_files(path: Path) -> list[Path]:
-    if not path.exists():
+def _text_samples(source: str) -> SampleList:
+    """The .txt files of a path (a file, a folder, tar shards of .txt members), listed in a fixed order."""
+    path = expand(source)
+    if path.is_file() and path.suffix != ".tar":
+        return from_names("folder", str(path.parent), [path.name])
+    if not path.exists() and "{" not in source:
         raise DataError(f"text data {str(path)!r} is neither a built-in name ({', '.join(BUILTIN)}) nor an existing path")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise DataError(f"{path} holds no .txt files")
-    return files
+    try:
+        return list_source(source, {".txt"}, ".txt files")
+    except DataError as exc:
+        if str(exc).startswith("no .txt files"):
+            raise DataError(f"{path} holds no .txt files") from None
+        raise
 
 
 def open_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = False):
@@ -199,8 +209,10 @@ def open_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = 
     if source == "pydoc":
         return _pydoc()
     if source == "fortunes":
-        return TextFiles(fortune_files(), False, skip_bad_files, fortune=True)
-    return TextFiles(_text_files(expand(source)), doc_per_line, skip_bad_files)
+        files = fortune_files()
+        return TextFiles(from_names("folder", str(files[0].parent), [f.name for f in files]), False, skip_bad_files,
+                         fortune=True)
+    return TextFiles(_text_samples(source), doc_per_line, skip_bad_files)
 
 
 def read_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = False) -> Corpus:
@@ -210,27 +222,20 @@ def read_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = 
     if isinstance(stream, Corpus):
         corpus = stream
     else:
-        files = stream.usable()
-        docs, labels, classes = [], [], []
-        if stream.fortune:
-            names = [f.name for f in files]
-        else:
-            root = expand(source)
-            names = [f.relative_to(root).as_posix() for f in files] if root.is_dir() else []
-        by_file, _ = labels_from_names(names) if not stream.fortune else (np.arange(len(files)), None)
-        for n, f in enumerate(files):
-            found = [text for text, _, _ in stream.pieces([f])]
+        good = stream.usable()
+        names = [stream.samples.name(i) for i in good]
+        by_file, classes = (np.arange(len(good)), []) if stream.fortune else labels_from_names(names)
+        docs, labels = [], []
+        for n, i in enumerate(good):
+            found = [text for text, _, _ in stream.pieces([i])]
             if stream.fortune and not found:
                 continue
             docs += found
-            if by_file is not None:
-                if stream.fortune:
-                    labels += [len(classes)] * len(found)
-                    classes.append(f.name)
-                else:
-                    labels += [int(by_file[n])] * len(found)
-        if by_file is not None and not stream.fortune:
-            classes = labels_from_names(names)[1]
+            if stream.fortune:
+                labels += [len(classes)] * len(found)
+                classes.append(names[n])
+            elif by_file is not None:
+                labels += [int(by_file[n])] * len(found)
         corpus = Corpus(docs, np.asarray(labels) if by_file is not None else None, classes, stream.skipped)
     if not any(d.strip() for d in corpus.docs):
         raise DataError(f"text data {source!r} holds no text")
