@@ -9,13 +9,19 @@ leaves a half-written checkpoint behind.
     RUN_DIR/checkpoints/step_00000300/model.safetensors
     RUN_DIR/checkpoints/step_00000300/state.safetensors   optimizer tensors
     RUN_DIR/checkpoints/step_00000300/state.json          step, optimizer scalars, grad-scaler state
+    RUN_DIR/checkpoints/step_00000300/manifest.json       size and sha256 of each file above, written last
     RUN_DIR/checkpoints/latest                       name of the newest complete checkpoint
+
+A checkpoint is complete when its manifest lists every file with the right size; reading it also checks the
+sha256 of each file, so a truncated, deleted or corrupted file is refused, never half-loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,18 @@ from safetensors.torch import load_file, save_file
 
 from d2v.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "state.safetensors", "state.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: tempfile-style 0600 would hide a shared run from its group
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,11 +61,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: readers see the old or the new file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -59,8 +80,69 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, names: tuple[str, ...] | list[str]) -> None:
+    """Record size and sha256 of each named file; written last, so its presence means the rest is complete."""
+    directory = Path(directory)
+    files = {n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names}
+    atomic_write_json(directory / MANIFEST, {"format": FORMAT_VERSION, "files": files})
+
+
+def _manifest(directory: Path) -> dict | None:
+    try:
+        files = json.loads((Path(directory) / MANIFEST).read_text())["files"]
+        return files if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_complete(directory: Path) -> bool:
+    """Every file of the checkpoint is present with the size its manifest records (no hashing: cheap)."""
+    directory = Path(directory)
+    files = _manifest(directory)
+    if files is None:  # written before manifests (format 1): complete when all its files are there
+        return not (directory / MANIFEST).exists() and _legacy(directory) and all((directory / n).is_file() for n in FILES)
+    if set(FILES) - set(files):
+        return False
+    try:
+        return all((directory / n).stat().st_size == meta["bytes"] for n, meta in files.items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _legacy(directory: Path) -> bool:
+    try:
+        return json.loads((Path(directory) / "state.json").read_text()).get("format") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def verify(directory: Path) -> None:
+    """Raise CheckpointError naming the first missing, resized or altered file of a checkpoint."""
+    directory = Path(directory)
+    files = _manifest(directory)
+    if files is None:
+        raise CheckpointError(f"checkpoint {directory} has no readable {MANIFEST}; it is incomplete")
+    for name in sorted(set(FILES) | set(files)):
+        path, meta = directory / name, files.get(name)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {directory} does not list {name} in its manifest")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+        if path.stat().st_size != meta.get("bytes") or _sha256(path) != meta.get("sha256"):
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} differs from its manifest")
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -103,6 +185,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         opt_tensors, opt_meta = optimizer_state(optimizer)
         _save_tensors(tmp / "state.safetensors", opt_tensors)
         atomic_write_json(tmp / "state.json", {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **extra})
+        write_manifest(tmp, FILES)
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
@@ -127,40 +210,86 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and (p / "state.json").exists() and (p / "model.safetensors").exists())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete temporary checkpoint directories left by a killed process (call with the run directory locked)."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint directories to resume or export from, best first: the one `latest` names, then the others newest
+    first. Incomplete ones are included: reading them says what is wrong (read_latest skips them)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "state.json").exists() and (run_dir / "model.safetensors").exists():
+        return [run_dir]  # a checkpoint directory itself
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    root = run_dir / "checkpoints"
+    found = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True) \
+        if root.is_dir() else []
+    pointer = run_dir / "checkpoints" / "latest"
+    try:
+        named = run_dir / "checkpoints" / pointer.read_text().strip()
+    except OSError:
+        named = None
+    if named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run directory (or `run_dir` itself if it is a checkpoint)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "model.safetensors").exists() and (run_dir / "state.json").exists():
-        return run_dir
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.exists():
-        candidate = run_dir / "checkpoints" / pointer.read_text().strip()
-        if (candidate / "state.json").exists() and (candidate / "model.safetensors").exists():
-            return candidate
-    found = list_checkpoints(run_dir)
+    found = [p for p in candidates(run_dir) if p == Path(run_dir) or is_complete(p)]
     if not found:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    return found[-1]
+    return found[0]
+
+
+def read_latest(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(path, model tensors, optimizer tensors, state) of the newest checkpoint that reads back intact; a damaged
+    newer one is skipped with a warning naming it and what is wrong."""
+    found = candidates(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint")
+    errors = []
+    for path in found:
+        try:
+            result = read_checkpoint(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        for msg in errors:
+            warnings.warn(f"{msg}; using the older checkpoint {path.name} instead", stacklevel=2)
+        return (path, *result)
+    raise CheckpointError(errors[0] if len(errors) == 1 else f"no checkpoint of {run_dir} reads back intact ({errors[0]})")
 
 
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(model tensors, optimizer tensors, state JSON) of a checkpoint directory; errors name the bad file."""
     ckpt = Path(ckpt)
+    if not (_legacy(ckpt) and not (ckpt / MANIFEST).exists() and is_complete(ckpt)):
+        verify(ckpt)  # format-1 checkpoints (before manifests) are read when all their files are there
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {ckpt / 'state.json'}: {exc}") from None
     try:
         model = load_file(str(ckpt / "model.safetensors"))
-        opt = load_file(str(ckpt / "state.safetensors")) if (ckpt / "state.safetensors").exists() else {}
+        opt = load_file(str(ckpt / "state.safetensors"))
     except Exception as exc:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or unreadable: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{ckpt / 'state.json'} does not hold a checkpoint state")
     return model, opt, state
 
 
@@ -171,7 +300,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         path = candidate / "config.json"
         if path.exists():
             try:
-                return json.loads(path.read_text())
-            except ValueError as exc:
+                data = json.loads(path.read_text())
+            except (ValueError, OSError) as exc:
                 raise CheckpointError(f"cannot parse {path}: {exc}") from None
+            if not isinstance(data, dict) or "modality" not in data or "run" not in data:
+                raise CheckpointError(f"{path} is not a d2v run config (is {run_dir} an exported encoder?)")
+            return data
     raise CheckpointError(f"{run_dir} is not a d2v run directory (no config.json)")

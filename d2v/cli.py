@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -35,13 +36,24 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (UserError, BackendUnavailable) as exc:
-            err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _error(str(exc))
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        except OSError as exc:  # the machine said no: a full disk, a vanished file, a permission
+            where = f" ({exc.filename})" if exc.filename else ""
+            _error(f"{exc.strerror or exc}{where}")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("Interrupted.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _error(message: str) -> None:
+    """One red line on stderr; the message is user text, so rich markup in it is shown, not interpreted."""
+    from rich.markup import escape
+
+    err_console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 class Modality(str, Enum):
@@ -67,7 +79,8 @@ class Kernels(str, Enum):
 @app.command()
 @user_errors
 def pretrain(
-    modality: Modality = typer.Option(Modality.vision, help="Which data2vec modality to pretrain."),
+    modality: Optional[Modality] = typer.Option(None, help="Which data2vec modality to pretrain. Default: vision "
+                                                "(on --resume: the run's own)."),
     data: Optional[str] = typer.Option(None, help="Built-in dataset name (vision: digits, fashion-mnist; speech: "
                                        "default, asterisk; text: pydoc, fortunes) or a path: a folder of images or "
                                        "a .npy/.npz array (vision), a folder of .wav/.flac files (speech), a .txt "
@@ -83,25 +96,29 @@ def pretrain(
     doc_per_line: bool = typer.Option(False, "--doc-per-line", help="One document per line, else one per file (text)."),
     tokenizer: Optional[str] = typer.Option(None, help="A tokenizer.json to use instead of training a BPE (text)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint; "
+                                "options not given come from the run."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     precision: Optional[Precision] = typer.Option(None, help="Autocast precision; fp16 uses a gradient scaler."),
     kernels: Optional[Kernels] = typer.Option(None, help="Implementation of the hot ops (auto picks the fastest)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, masks, init)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N updates (0: only at the end)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes preparing batches."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding batches (default: one "
+                                              "per spare core, up to 8, for files; none for in-memory sets)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
     set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the fully resolved config and exit."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress (a bar on a terminal, "
+                                  "plain lines otherwise)."),
 ):
-    """Pretrain an encoder with data2vec and write a run directory (config, metrics, checkpoints)."""
+    """Pretrain an encoder with data2vec and write a run directory (config, metrics, checkpoints).
+
+    Ctrl-C or SIGTERM saves a checkpoint and exits with 130 / 143; --resume continues bit for bit."""
     from d2v.config import set_by_path
     from d2v.errors import ConfigError
     from d2v.presets import preset_config
-    from d2v.train import pretrain as run_pretrain, prepare_run, validate
+    from d2v.train import load_run_config, pretrain as run_pretrain, validate
 
-    cfg = preset_config(modality.value, preset)
     overrides = {
         "data.source": data, "run.steps": steps, "run.batch_size": batch_size, "run.grad_accum": grad_accum,
         "optim.lr": lr, "data.image_size": image_size, "run.device": device,
@@ -119,22 +136,29 @@ def pretrain(
     if image_size is not None:
         overrides["model.image_size"] = 0  # resize the data; the model follows it
     given = {k: v for k, v in overrides.items() if v is not None}
-    for key, value in given.items():
-        set_by_path(cfg, key, value)
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
-        saved, _ = prepare_run(cfg, out, resume=True)
-        _check_resume_overrides(saved, given, preset, modality.value)
-        cfg = saved
+        cfg = load_run_config(out)
+        _apply_resume_overrides(cfg, given, preset, modality.value if modality else None)
+    else:
+        cfg = preset_config((modality or Modality.vision).value, preset)
+        for key, value in given.items():
+            set_by_path(cfg, key, value)
+        cfg.data.source = _resolve_source(cfg.data.source)
+        if cfg.data.tokenizer:
+            cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
     validate(cfg)
     if dry_run:
         from d2v.data.pipeline import build_pipeline
 
         build_pipeline(cfg)  # resolves data-dependent fields
+        validate(cfg)
         console.print_json(cfg.to_json())
         return
     summary = run_pretrain(cfg, out=out, resume=resume, console=console, progress=progress)
+    if summary.complete:
+        return
     table = Table(title="pretrain summary", show_header=False)
     table.add_row("steps", f"{summary.steps} / {cfg.run.steps}" + ("  (stopped early)" if summary.interrupted else ""))
     table.add_row("final loss", f"{summary.final_loss:.4f}")
@@ -144,29 +168,63 @@ def pretrain(
         table.add_row("skipped files", str(summary.skipped_files))
     if summary.collapsed:
         table.add_row("warning", "representation collapse suspected (see metrics.jsonl)")
-    table.add_row("run directory", str(summary.run_dir))
-    table.add_row("checkpoint", str(summary.checkpoint))
+    table.add_row("run directory", escape(str(summary.run_dir)))
+    table.add_row("checkpoint", escape(str(summary.checkpoint)))
     console.print(table)
-    console.print(f"Next: d2v export checkpoint {summary.run_dir} --out {summary.run_dir}/export")
+    if summary.interrupted and summary.steps < cfg.run.steps:
+        console.print(f"Next: d2v pretrain --out {_quote(summary.run_dir)} --resume", soft_wrap=True,
+                      highlight=False, markup=False)
+    else:
+        console.print(f"Next: d2v export checkpoint {_quote(summary.run_dir)} --out "
+                      f"{_quote(summary.run_dir / 'export')}", soft_wrap=True, highlight=False, markup=False)
+    if summary.signal:
+        raise typer.Exit(128 + summary.signal)
 
 
-def _check_resume_overrides(saved, given: dict, preset: Optional[str], modality: str) -> None:
-    """Resuming continues the saved run exactly: options that would change it are refused."""
+def _quote(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def _resolve_source(source: str) -> str:
+    """A data path as an absolute path (so that --resume works from any directory); built-in names unchanged."""
+    import os
+
+    expanded = os.path.expanduser(source)
+    if os.path.exists(expanded) and (os.sep in source or source.startswith((".", "~")) or not _is_builtin(source)):
+        return str(Path(expanded).resolve())
+    return expanded if source.startswith("~") else source
+
+
+def _is_builtin(name: str) -> bool:
+    from d2v.data import speech, text, vision
+
+    return any(name in getattr(mod, "BUILTIN", ()) for mod in (vision, speech, text))
+
+
+def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality: Optional[str]) -> None:
+    """Resuming continues the saved run exactly: options not given come from the run; options that would change
+    it are refused; only where it runs (device, workers) may change."""
     from d2v.config import PretrainConfig, from_dict, set_by_path
     from d2v.errors import ConfigError
 
-    allowed = {"run.device", "data.num_workers", "model.image_size"}
-    if (preset is not None and preset != saved.preset) or modality != saved.modality:
-        raise ConfigError("--preset and --modality cannot change when resuming; the run keeps its saved config")
+    allowed = {"run.device", "data.num_workers", "run.kernels"}
+    if preset is not None and preset != saved.preset:
+        raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
+    if modality is not None and modality != saved.modality:
+        raise ConfigError(f"--modality cannot change when resuming (the run is {saved.modality}); start a new run instead")
     changed = from_dict(PretrainConfig, saved.to_dict())
     for key, value in given.items():
         set_by_path(changed, key, value)
-    for key in given.keys() - allowed:
+    if "data.source" in given:
+        changed.data.source = _resolve_source(changed.data.source)
+    for key in sorted(given.keys() - allowed):
         section, name = key.split(".", 1)
         before, after = getattr(getattr(saved, section), name), getattr(getattr(changed, section), name)
-        if before != after:
+        if before != after and not (key == "model.image_size" and after == 0):
             raise ConfigError(f"{key} cannot change when resuming (saved: {before!r}); start a new run instead")
-    for key in given.keys() & (allowed - {"model.image_size"}):
+    for key in given.keys() & allowed:
         set_by_path(saved, key, given[key])
 
 

@@ -177,13 +177,15 @@ class PretrainConfig:
 MODEL_CONFIGS: dict[str, type] = {"vision": VisionModelConfig, "text": TextModelConfig, "speech": SpeechModelConfig}
 
 
-def from_dict(cls: type, data: dict[str, Any]):
-    """Build dataclass `cls` from a (JSON) dict, recursing into nested dataclasses; unknown keys are errors."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from a (JSON) dict, recursing into nested dataclasses; unknown keys and values of the
+    wrong type are errors naming the field."""
+    data = _section(data, prefix.rstrip(".") or cls.__name__)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -191,17 +193,23 @@ def from_dict(cls: type, data: dict[str, Any]):
             model_cls = MODEL_CONFIGS.get(data.get("modality", "vision"))
             if model_cls is None:
                 raise ConfigError(f"unknown modality {data.get('modality')!r}")
-            value = from_dict(model_cls, value)
+            value = from_dict(model_cls, value, f"{prefix}{name}.")
         elif dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value)
-        elif typing.get_origin(hint) is tuple:
-            value = tuple(value)
+            value = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            value = coerce(value, hint, prefix + name)
         kwargs[name] = value
     return cls(**kwargs)
 
 
+def _section(value: Any, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section {name!r} must be an object, got {value!r}")
+    return value
+
+
 def set_by_path(cfg: PretrainConfig, key: str, value: Any) -> None:
-    """Set a dotted field such as 'optim.lr', converting `value` (often a string) to the field's type."""
+    """Set a dotted field such as 'optim.lr', converting `value` (often a string) to the field's declared type."""
     *parents, last = key.split(".")
     obj = cfg
     for part in parents:
@@ -211,29 +219,63 @@ def set_by_path(cfg: PretrainConfig, key: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if last not in fields:
         raise ConfigError(f"unknown config field {key!r}")
-    current = getattr(obj, last)
-    setattr(obj, last, _convert(value, current, key))
+    hint = typing.get_type_hints(type(obj))[last]
+    setattr(obj, last, coerce(value, hint, key))
 
 
-def _convert(value: Any, current: Any, key: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        if isinstance(current, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
+def _kind(hint) -> tuple[type, type | None]:
+    """(container or scalar type, element type) of a field's type hint: int, float, bool, str, list[x], tuple[x, ...]."""
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return origin, (args[0] if args else str)
+    return hint, None
+
+
+def _scalar(value: Any, kind: type, key: str) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
                 return True
-            if value.lower() in ("0", "false", "no", "off"):
+            if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, (list, tuple)):
-            parsed = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            if current and isinstance(current[0], (int, float)):
-                parsed = [type(current[0])(v) for v in parsed]
-            return type(current)(parsed)
-    except ValueError:
-        raise ConfigError(f"{key} expects a value like {current!r}, got {value!r}") from None
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise ValueError
     return value
+
+
+def coerce(value: Any, hint, key: str) -> Any:
+    """`value` (a CLI string or a JSON value) as the type `hint` declares; a wrong type is a ConfigError."""
+    kind, elem = _kind(hint)
+    try:
+        if kind in (list, tuple):
+            if isinstance(value, str):
+                text = value.strip()
+                value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return kind(_scalar(v, elem, key) for v in value)
+        return _scalar(value, kind, key)
+    except (ValueError, OverflowError, TypeError):
+        want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        what = f"a list of {want.get(elem, 'values')}" if kind in (list, tuple) else want.get(kind, str(kind))
+        raise ConfigError(f"{key} expects {what}, got {value!r}") from None

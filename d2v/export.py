@@ -22,8 +22,7 @@ def encoder_state_from_run(run_dir: Path, weights: str = "student") -> tuple[dic
     if weights not in ("student", "teacher"):
         raise CheckpointError(f"--weights must be 'student' or 'teacher', got {weights!r}")
     cfg = ckpt.read_run_config(run_dir)
-    path = ckpt.latest_checkpoint(run_dir)
-    tensors, _, state = ckpt.read_checkpoint(path)
+    path, tensors, _, state = ckpt.read_latest(run_dir)
     prefix = f"{weights}."
     enc = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not enc:

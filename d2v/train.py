@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 
 from d2v import checkpoint as ckpt
+from d2v import rundir
 from d2v.config import PretrainConfig, from_dict
 from d2v.data.loader import batch_loader
 from d2v.data.pipeline import build_pipeline
-from d2v.errors import CheckpointError, ConfigError
+from d2v.errors import CheckpointError, ConfigError, UserError
 from d2v.models import build_encoder
 from d2v.objective import Data2Vec
 from d2v.ops import backends
@@ -68,21 +70,16 @@ def param_groups(model: Data2Vec, weight_decay: float) -> list[dict]:
 
 
 def validate(cfg: PretrainConfig) -> None:
-    r = cfg.run
-    if r.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {r.steps}")
-    if r.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {r.batch_size}")
-    if r.grad_accum < 1:
-        raise ConfigError(f"grad_accum must be at least 1, got {r.grad_accum}")
-    if r.precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {r.precision!r}")
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.optim.lr}")
-    if not 0 < cfg.mask.ratio < 1:
-        raise ConfigError(f"mask ratio must be between 0 and 1, got {cfg.mask.ratio}")
-    if r.collapse not in ("warn", "stop"):
-        raise ConfigError(f"run.collapse must be 'warn' or 'stop', got {r.collapse!r}")
+    """Every check of the config that needs no data (see d2v.validation)."""
+    from d2v.validation import validate_config
+
+    validate_config(cfg)
+
+
+class DivergedError(UserError):
+    """The loss or the weights became non-finite; no checkpoint was written after it."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -96,164 +93,256 @@ class Summary:
     interrupted: bool
     skipped_files: int
     collapsed: bool
+    signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 if none
+    complete: bool = False  # resumed a run that had already finished: nothing was done
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to save and stop after the current step; a second one interrupts at once."""
+    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to save and stop after the current step; a second
+    Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.set = False
-        self._old = None
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    @property
+    def set(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread
-            self._old = None
+        for name in STOP_SIGNALS:
+            num = getattr(signal, name)
+            try:
+                self._old[num] = signal.signal(num, self._handle)
+            except ValueError:  # not in the main thread: no handlers, the default behaviour stays
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.set:
+        if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.set = True
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for num, old in self._old.items():
+            signal.signal(num, old)
 
 
-def prepare_run(cfg: PretrainConfig, out: Path | None, resume: bool) -> tuple[PretrainConfig, Path]:
-    """The config and run directory to train with: a fresh one, or the saved one of a run being resumed."""
-    if resume:
-        if out is None:
-            raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
-        saved = from_dict(PretrainConfig, ckpt.read_run_config(out))
-        ckpt.latest_checkpoint(out)  # fails clearly if there is nothing to resume
-        return saved, Path(out)
+def resolve_run_dir(cfg: PretrainConfig, out: Path | None) -> Path:
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{cfg.modality}-{cfg.preset}-{stamp}"
-    out = Path(out)
-    if out.exists() and (out / "config.json").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return cfg, out
+    return Path(out).expanduser()
+
+
+def load_run_config(run_dir: Path) -> PretrainConfig:
+    """The saved config of the run in `run_dir`, checked like a new one (a hand-edited file may be wrong)."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"there is no run to resume in {run_dir} (the directory does not exist)")
+    if not rundir.is_run_dir(run_dir):
+        raise CheckpointError(f"{run_dir} is not a d2v run directory (no run config.json); nothing to resume")
+    try:
+        cfg = from_dict(PretrainConfig, ckpt.read_run_config(run_dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{run_dir / 'config.json'}: {exc}") from None
+    return cfg
+
+
+def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[rundir.RunLock, bool]:
+    """Create/lock the run directory; returns (lock, whether to start from scratch)."""
+    if not resume:
+        rundir.check_new_run_target(run_dir)
+    else:
+        rundir.check_writable_dir(run_dir, "--out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(run_dir).acquire()
+    try:
+        for p in ckpt.remove_partial(run_dir):
+            say(f"Removed {p.name}, a partial checkpoint left by a process that was killed while saving.")
+        saved = rundir.has_checkpoint(run_dir)
+        if resume and not saved:
+            say(f"{run_dir} has no checkpoint yet: starting the run again from scratch with its saved config.")
+        elif not resume and rundir.is_run_dir(run_dir):
+            if saved:
+                raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+            say(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again from scratch.")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, not (resume and saved)
 
 
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True) -> Summary:
-    """Pretrain per `cfg`, writing a run directory; returns what the run did."""
+    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume, `cfg` is ignored in
+    favour of the run's saved config (load it with load_run_config to change the options a resume may change)."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
-    cfg, run_dir = prepare_run(cfg, out, resume)
+    say = lambda msg: console.print(escape(msg), highlight=False)  # noqa: E731
+    run_dir = resolve_run_dir(cfg, out)
+    if resume and out is None:
+        raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
     validate(cfg)
     device = resolve_device(cfg.run.device)
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
+    if device.type == "cpu" and cfg.run.precision == "fp16":
+        say("Warning: fp16 on a CPU is emulated and about 14x slower than fp32; --precision bf16 is fast here.")
     wall0 = time.perf_counter()
 
     # fills data-dependent model fields (image size, channels, pixel stats); a resumed run reads its saved data list
     pipeline = build_pipeline(cfg, run_dir if resume else None)
+    validate(cfg)  # again, with the fields the data filled in
+    lock, fresh = _open_run(cfg, run_dir, resume, say)
+    try:
+        return _train(cfg, run_dir, fresh, pipeline, device, console, say, progress, wall0)
+    finally:
+        lock.release()
+
+
+def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float) -> Summary:
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     amp_dtype = PRECISIONS[cfg.run.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    total, accum, B = cfg.run.steps, cfg.run.grad_accum, cfg.run.batch_size
 
     start = 0
-    if resume:
+    if not fresh:
         start = _restore(run_dir, model, optimizer, scaler)
-        console.print(f"Resuming {run_dir} at step {start}")
+        if start >= total:
+            say(f"{run_dir} is complete: it ran all {total} steps; nothing to resume. "
+                f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}/export")
+            return Summary(run_dir=run_dir, checkpoint=ckpt.latest_checkpoint(run_dir), steps=start,
+                           final_loss=_last_logged_loss(run_dir / "metrics.jsonl"), samples_per_s=0.0,
+                           wall_s=time.perf_counter() - wall0, interrupted=False, skipped_files=0, collapsed=False,
+                           complete=True)
+        say(f"Resuming {run_dir} at step {start}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
         for name, data in getattr(pipeline, "run_files", dict)().items():  # data-made files, e.g. a tokenizer
             ckpt.atomic_write_bytes(run_dir / name, data)
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
 
-    total, accum, B = cfg.run.steps, cfg.run.grad_accum, cfg.run.batch_size
     batches = batch_loader(pipeline, start * accum, total * accum, cfg.data.num_workers, device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     model.train()
 
-    last_loss, window_loss, window_n = float("nan"), 0.0, 0
-    collapsed, interrupted, pred_rose = False, False, False
+    last_loss = float("nan")
+    collapsed, interrupted, pred_rose, diverged = False, False, False, ""
     saved_path: Path | None = None
+    saved_step = start
     step = start
+    in_update = False  # between optimizer.step and the EMA update: a checkpoint now would be inconsistent
     t_train = time.perf_counter()
-    with _StopFlag() as stop, _progress_bar(console, progress, total, start) as bar, \
+    with _StopFlag() as stop, _progress(console, progress, total, start) as bar, \
             open(metrics_path, "a") as metrics:
         t_log, samples_since = time.perf_counter(), 0
-        while step < total:
-            lr = lr_at(cfg.optim, step, total)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                k = step * accum + micro
-                batch = pipeline.on_device(next(batches).to(device), k)
-                with autocast:
-                    loss, stats = model(batch)
-                scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            if cfg.optim.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            tau = model.ema_step(step + 1)
-            step += 1
-            samples_since += B * accum
+        try:
+            while step < total:
+                lr = lr_at(cfg.optim, step, total)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(accum):
+                    k = step * accum + micro
+                    batch = pipeline.on_device(next(batches).to(device), k)
+                    with autocast:
+                        loss, stats = model(batch)
+                    scaler.scale(loss / accum).backward()
+                    loss_sum += loss.detach() / accum
+                in_update = True
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                tau = model.ema_step(step + 1)
+                step += 1
+                in_update = False
+                samples_since += B * accum
 
-            if step % cfg.run.log_every == 0 or step == total:
-                last_loss = loss_sum.item()
-                window_loss, window_n = window_loss + last_loss, window_n + 1
-                now = time.perf_counter()
-                rate = samples_since / max(now - t_log, 1e-9)
-                t_log, samples_since = now, 0
-                record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
-                          "target_std": stats["target_std"].item(), "pred_std": stats["pred_std"].item(),
-                          "samples_per_s": rate}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if not math.isfinite(last_loss):
-                    console.print(f"[red]Loss became {last_loss} at step {step}; stopping (checkpoint kept).[/red]")
-                    interrupted = True
-                    break
-                # At init every masked position looks alike, so predictions start near constant: only a
-                # fall of the prediction std below 0.01 after having risen above it counts as collapse.
-                pred_rose = pred_rose or record["pred_std"] >= 0.01
-                if step >= cfg.run.collapse_after * total and not collapsed and (
-                        record["target_std"] < 0.1 or (pred_rose and record["pred_std"] < 0.01)):
-                    collapsed = True
-                    msg = (f"representation collapse suspected at step {step}: target std "
-                           f"{record['target_std']:.4f} (< 0.1) or prediction std {record['pred_std']:.4f} (< 0.01)")
-                    warnings.warn(msg)
-                    console.print(f"[yellow]Warning: {msg}[/yellow]")
-                    if cfg.run.collapse == "stop":
-                        interrupted = True
+                if step % cfg.run.log_every == 0 or step == total:
+                    last_loss = loss_sum.item()
+                    now = time.perf_counter()
+                    rate = samples_since / max(now - t_log, 1e-9)
+                    t_log, samples_since = now, 0
+                    record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
+                              "target_std": stats["target_std"].item(), "pred_std": stats["pred_std"].item(),
+                              "samples_per_s": rate}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if not math.isfinite(last_loss) and (amp_dtype is not torch.float16 or not _finite(model)):
+                        diverged = f"the loss became {last_loss} at step {step}"
                         break
-                bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
-            else:
-                bar.update(step)
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
-                saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
-            if stop.set:
-                interrupted = True
-                console.print(f"Interrupted: saving a checkpoint at step {step}.")
-                break
+                    # At init every masked position looks alike, so predictions start near constant: only a
+                    # fall of the prediction std below 0.01 after having risen above it counts as collapse.
+                    pred_rose = pred_rose or record["pred_std"] >= 0.01
+                    if step >= cfg.run.collapse_after * total and not collapsed and (
+                            record["target_std"] < 0.1 or (pred_rose and record["pred_std"] < 0.01)):
+                        collapsed = True
+                        msg = (f"representation collapse suspected at step {step}: target std "
+                               f"{record['target_std']:.4f} (< 0.1) or prediction std {record['pred_std']:.4f} "
+                               "(< 0.01)")
+                        warnings.warn(msg)
+                        say(f"Warning: {msg}")
+                        if cfg.run.collapse == "stop":
+                            interrupted = True
+                            break
+                    bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
+                else:
+                    bar.update(step)
+                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
+                    if not _finite(model):
+                        diverged = f"the weights became non-finite by step {step}"
+                        break
+                    saved_path, saved_step = _save(run_dir, step, model, optimizer, scaler, cfg), step
+                if stop.set:
+                    interrupted = True
+                    say(f"Interrupted ({signal.Signals(stop.signum).name}): saving a checkpoint at step {step}.")
+                    break
+        except Exception:
+            # An error mid-run (a file gone, a full disk): keep the updates done so far when the state is sound.
+            if not in_update and step > saved_step and _finite(model):
+                try:
+                    saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
+                    say(f"Stopped by an error at step {step}; saved a checkpoint there. Fix the cause and continue "
+                        f"with: d2v pretrain --out {run_dir} --resume")
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
+            raise
     train_s = time.perf_counter() - t_train
-    if step > start and (saved_path is None or saved_path.name != f"step_{step:08d}"):
+    if diverged:
+        last = f"the last finite checkpoint is {saved_path.name}" if saved_path else (
+            "no checkpoint was written before it" if saved_step == 0 else f"the last finite checkpoint is step {saved_step}")
+        raise DivergedError(f"training diverged: {diverged}; {last} (lower --lr or raise optim.warmup_fraction)")
+    if step > saved_step:
+        if not _finite(model):
+            raise DivergedError(f"training diverged: the weights became non-finite by step {step}; "
+                                f"no checkpoint was written after step {saved_step}")
         saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
+    elif saved_path is None and step > 0:
+        saved_path = ckpt.latest_checkpoint(run_dir)
     return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=last_loss,
                    samples_per_s=(step - start) * B * accum / max(train_s, 1e-9),
-                   wall_s=time.perf_counter() - wall0, interrupted=interrupted,
-                   skipped_files=pipeline.skipped, collapsed=collapsed)
+                   wall_s=time.perf_counter() - wall0, interrupted=interrupted or bool(stop.signum),
+                   skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum)
+def _finite(model: torch.nn.Module) -> bool:
+    """All weights and buffers finite (one device reduction per tensor, one host sync)."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _save(run_dir, step, model, optimizer, scaler, cfg) -> Path:
@@ -262,48 +351,87 @@ def _save(run_dir, step, model, optimizer, scaler, cfg) -> Path:
 
 
 def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler) -> int:
-    path = ckpt.latest_checkpoint(run_dir)
-    weights, opt_tensors, state = ckpt.read_checkpoint(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
+    for w in caught:
+        print(f"Warning: {w.message}", file=sys.stderr)
     try:
         model.load_state_dict(weights)
         ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not match the run's model: {str(exc).splitlines()[0]}") from None
     if state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     return int(state["step"])
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics log; a line cut short by a crash (or otherwise unreadable) is dropped."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step` (left by a run that stopped after its last checkpoint)."""
+    """Keep the records up to `step` (later ones come from a run that stopped after its last checkpoint)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    ckpt.atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+    keep = [r for r in _read_metrics(path) if r["step"] <= step]
+    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+
+def _last_logged_loss(path: Path) -> float:
+    records = _read_metrics(path)
+    return float(records[-1]["loss"]) if records else float("nan")
+
+
+class _Bar:
+    """Progress: a one-line rich bar on a terminal; plain lines about every 5% of the run when stdout is not one."""
+
+    def __init__(self, console, progress, task, total: int, start: int):
+        self.console, self.progress, self.task, self.total = console, progress, task, total
+        self.plain_every = max(1, total // 20)
+        self.last_plain = start
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, **fields):
+        if self.progress is not None:
+            if fields:
+                fields = {"stats": _stats_text(**fields)}
+            self.progress.update(self.task, completed=step, **fields)
+        elif self.console is not None and fields and (step - self.last_plain >= self.plain_every or step == self.total):
+            self.last_plain = step
+            elapsed = time.perf_counter() - self.t0
+            self.console.print(f"step {step}/{self.total}  {_stats_text(**fields)}  {elapsed:.0f} s", highlight=False)
+
+
+def _stats_text(loss: float, lr: float, tau: float, rate: float) -> str:
+    return f"loss {loss:.4f} lr {lr:.1e} tau {tau:.4f} {rate:.0f}/s"
 
 
 @contextlib.contextmanager
-def _progress_bar(console, enabled: bool, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    class _Bar:
-        def __init__(self, progress, task):
-            self.progress, self.task = progress, task
-
-        def update(self, step, **fields):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=step, **fields)
+def _progress(console, enabled: bool, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not enabled:
-        yield _Bar(None, None)
+        yield _Bar(None, None, None, total, start)
         return
-    columns = [
-        TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  tau {task.fields[tau]:.5f}  "
-                   "{task.fields[rate]:.0f} samples/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    ]
+    if not console.is_terminal:
+        yield _Bar(console, None, None, total, start)
+        return
+    columns = [BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn(compact=True)]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), lr=0.0, tau=0.0,
-                                 rate=0.0)
-        yield _Bar(progress, task)
+        task = progress.add_task("pretrain", total=total, completed=start, stats="loss - (first log pending)")
+        yield _Bar(console, progress, task, total, start)

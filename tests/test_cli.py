@@ -125,10 +125,12 @@ def test_error_paths(run_dir, tmp_path):
     fails_with(run("pretrain", "--data", tmp_path / "nope"), "neither a built-in dataset")
     fails_with(run("pretrain", "--preset", "huge"), "unknown vision preset 'huge'")
     fails_with(run("pretrain", "--resume"), "--resume needs --out")
-    fails_with(run("pretrain", "--resume", "--out", tmp_path / "empty"), "not a d2v run directory")
+    fails_with(run("pretrain", "--resume", "--out", tmp_path / "empty"), "no run to resume")
+    (tmp_path / "plain").mkdir()
+    fails_with(run("pretrain", "--resume", "--out", tmp_path / "plain"), "not a d2v run directory")
     fails_with(run("pretrain", "--out", run_dir, *tiny_cli_args()), "already holds a run")
     fails_with(run("pretrain", "--resume", "--out", run_dir, "--lr", "0.5"), "cannot change when resuming")
-    fails_with(run("pretrain", "--steps", "0"), "--steps must be at least 1")
+    fails_with(run("pretrain", "--steps", "0"), "--steps (run.steps) must be an integer from 1")
     fails_with(run("pretrain", "--set", "optim.nope=1"), "unknown config field")
     fails_with(run("pretrain", "--set", "optim.lr=fast"), "optim.lr expects")
     fails_with(run("pretrain", "--kernels", "cuda", "--out", tmp_path / "k", *tiny_cli_args()), "unavailable")
@@ -151,10 +153,10 @@ def test_fashion_mnist_missing_package_is_named(monkeypatch, tmp_path):
     fails_with(run("pretrain", "--data", "fashion-mnist"), "dataset-fashion-mnist")
 
 
-def test_resume_continues_a_finished_run_with_more_nothing(run_dir):
+def test_resume_of_a_finished_run_says_it_is_complete(run_dir):
     result = run("pretrain", "--resume", "--out", run_dir, "--no-progress")
-    assert result.exit_code == 0, result.output  # already at its last step: nothing to do, still a summary
-    assert "8 / 8" in result.output
+    assert result.exit_code == 0, result.output  # already at its last step: nothing to do
+    assert "is complete" in result.output and "all 8 steps" in result.output and "nan" not in result.output
 
 
 def test_env_lists_backends():

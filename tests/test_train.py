@@ -32,7 +32,7 @@ def test_run_directory_contents(tmp_path):
     assert {"step", "loss", "lr", "tau", "target_std", "pred_std", "samples_per_s"} <= set(record)
     assert s.checkpoint == run / "checkpoints" / "step_00000008"
     files = {p.name for p in s.checkpoint.iterdir()}
-    assert files == {"model.safetensors", "state.safetensors", "state.json"}  # nothing pickled
+    assert files == {"model.safetensors", "state.safetensors", "state.json", "manifest.json"}  # nothing pickled
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
 
 

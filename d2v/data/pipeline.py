@@ -61,7 +61,8 @@ class VisionPipeline:
         c, h, _ = self.dataset.shape
         m = cfg.model
         if m.image_size and m.image_size != h:
-            raise ConfigError(f"the model expects {m.image_size}px images but the data has {h}px; set --image-size {m.image_size}")
+            raise ConfigError(f"the model expects {m.image_size}px images but the data has {h}px; "
+                              f"set --image-size {m.image_size}")
         m.image_size, m.in_chans = h, c
         if m.patch_size <= 0:
             m.patch_size = auto_patch_size(h)

@@ -195,7 +195,8 @@ def _text_samples(source: str) -> SampleList:
     if path.is_file() and path.suffix != ".tar":
         return from_names("folder", str(path.parent), [path.name])
     if not path.exists() and "{" not in source:
-        raise DataError(f"text data {str(path)!r} is neither a built-in name ({', '.join(BUILTIN)}) nor an existing path")
+        raise DataError(f"text data {str(path)!r} is neither a built-in name ({', '.join(BUILTIN)}) "
+                        f"nor an existing path")
     try:
         return list_source(source, {".txt"}, ".txt files")
     except DataError as exc:
@@ -472,7 +473,8 @@ def load_labelled_text(source: str, split: str, tokenizer, max_length: int) -> L
         raise DataError("pydoc has no labels; probe text on fortunes or a folder with one sub-folder per class")
     corpus = read_corpus(source)
     if corpus.labels is None:
-        raise DataError(f"{source} has no labels (use fortunes or a folder with one sub-folder per class of .txt files)")
+        raise DataError(f"{source} has no labels (use fortunes or a folder with one sub-folder per class of .txt "
+                        f"files)")
     counts = np.bincount(corpus.labels, minlength=len(corpus.classes))
     min_count = MIN_CATEGORY if source == "fortunes" else 2
     keep = np.flatnonzero(counts[corpus.labels] >= min_count)

@@ -83,7 +83,8 @@ class FileImages(torch.utils.data.Dataset):
             return decode(self.samples.open(i), self.channels, self.size, box_for, flip)
         except Exception as exc:
             if not self.skip_bad_files:
-                raise DataError(f"cannot decode image {self.samples.where(i)} ({str(exc).strip() or type(exc).__name__}); "
+                why = str(exc).strip() or type(exc).__name__
+                raise DataError(f"cannot decode image {self.samples.where(i)} ({why}); "
                                 f"remove it or pass --skip-bad-files") from None
             self.bad.add(i)
             return None
@@ -214,7 +215,8 @@ def _scan_files(samples: SampleList, image_size: int, skip_bad_files: bool) -> F
             size, mode = header(samples.open(int(i)))
         except Exception as exc:
             if not skip_bad_files:
-                raise DataError(f"cannot read image {samples.where(int(i))} ({str(exc).strip() or type(exc).__name__}); "
+                why = str(exc).strip() or type(exc).__name__
+                raise DataError(f"cannot read image {samples.where(int(i))} ({why}); "
                                 f"remove it or pass --skip-bad-files") from None
             bad.add(int(i))
             continue

@@ -1,0 +1,237 @@
+"""Every config value checked before anything is created: ranges, choices, cross-field rules and a memory
+estimate. Each failure is one ConfigError sentence naming the field (as `--set` spells it) and what it accepts."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+from d2v.config import PretrainConfig
+from d2v.errors import ConfigError
+
+MASK_KINDS = {"vision": ("block",), "speech": ("span",), "text": ("bert", "span")}
+PRECISIONS = ("fp32", "bf16", "fp16")
+KERNELS = ("auto", "torch", "triton", "cuda", "cpu")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# (predicate, what the field accepts), by field name within its section; shared by every modality that has it.
+Rule = tuple[Callable[[Any], bool], str]
+_POS_INT: Rule = (lambda v: v >= 1, "an integer of at least 1")
+_NONNEG_INT: Rule = (lambda v: v >= 0, "an integer of at least 0")
+_PROB: Rule = (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)")
+_UNIT: Rule = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+_POS: Rule = (lambda v: _finite(v) and v > 0, "a positive number")
+_NONNEG: Rule = (lambda v: _finite(v) and v >= 0, "a number of at least 0")
+
+RULES: dict[str, dict[str, Rule]] = {
+    "model": {
+        "image_size": _NONNEG_INT, "patch_size": _NONNEG_INT, "in_chans": (lambda v: 0 <= v <= 64, "0 (from the data) to 64"),
+        "dim": _POS_INT, "depth": _POS_INT, "num_heads": _POS_INT, "mlp_ratio": _POS,
+        "layer_scale_init": _NONNEG, "drop_path": _PROB, "ln_eps": _POS,
+        "pixel_mean": (lambda v: all(_finite(x) for x in v), "finite numbers, one per channel"),
+        "pixel_std": (lambda v: all(_finite(x) and x > 0 for x in v), "positive numbers, one per channel"),
+        "vocab_size": _NONNEG_INT, "max_length": (lambda v: v >= 8, "an integer of at least 8"),
+        "ffn_dim": _POS_INT, "dropout": _PROB, "attention_dropout": _PROB, "activation_dropout": _PROB,
+        "layerdrop": _PROB, "pad_id": _NONNEG_INT, "mask_id": _NONNEG_INT,
+        "conv_dim": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
+        "conv_kernel": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
+        "conv_stride": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
+        "pos_conv_depth": _POS_INT, "pos_conv_kernel": _POS_INT, "pos_conv_groups": _POS_INT,
+        "sample_rate": (lambda v: 1000 <= v <= 384_000, "a sample rate in Hz between 1000 and 384000"),
+    },
+    "mask": {
+        "ratio": (lambda v: _finite(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+        "min_block": _POS_INT, "aspect_min": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "span_length": _POS_INT, "span_prob": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "random_token": _UNIT, "unchanged": _UNIT,
+    },
+    "targets": {
+        "top_k": _POS_INT, "layer": (lambda v: v in ("block", "ffn"), "'block' or 'ffn'"),
+        "norm": (lambda v: v in ("layer", "instance", "none"), "'layer', 'instance' or 'none'"),
+        "final_norm": (lambda v: v in ("layer", "instance", "none"), "'layer', 'instance' or 'none'"),
+        "eps": _POS, "loss_beta": _NONNEG,
+        "loss_scale": (lambda v: v in ("one", "inv_dim", "inv_sqrt_dim"), "'one', 'inv_dim' or 'inv_sqrt_dim'"),
+        "head": (lambda v: v in ("linear", "mlp"), "'linear' or 'mlp'"),
+    },
+    "ema": {"decay": _UNIT, "end_decay": _UNIT, "anneal_steps": _NONNEG_INT,
+            "shared": (lambda v: all(isinstance(x, str) and x for x in v), "a list of parameter-name prefixes")},
+    "optim": {
+        "lr": (lambda v: _finite(v) and 0 < v <= 10, "a positive number of at most 10"),
+        "betas": (lambda v: len(v) == 2 and all(_finite(x) and 0 <= x < 1 for x in v), "two numbers in [0, 1)"),
+        "eps": _POS, "weight_decay": _NONNEG,
+        "schedule": (lambda v: v in ("cosine", "tri_stage", "constant"), "'cosine', 'tri_stage' or 'constant'"),
+        "warmup_fraction": _PROB, "hold_fraction": _PROB, "final_lr_ratio": _UNIT, "clip_grad": _NONNEG,
+    },
+    "data": {
+        "source": (lambda v: bool(v.strip()), "a built-in dataset name or a path"),
+        "image_size": (lambda v: v == 0 or 2 <= v <= 8192, "0 (the data's own size) or 2 to 8192 pixels"),
+        "crop_scale": (lambda v: len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
+                       "two area fractions 0 < min <= max <= 1, e.g. 0.6,1.0"),
+        "vocab_size": (lambda v: 300 <= v <= 1_000_000, "an integer from 300 to 1000000"),
+        "crop_seconds": (lambda v: _finite(v) and 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"),
+        "num_workers": (lambda v: -1 <= v <= 256, "-1 (automatic) or an integer from 0 to 256"),
+    },
+    "run": {
+        "steps": (lambda v: 1 <= v <= 10**10, "an integer from 1 to 10^10"), "batch_size": _POS_INT,
+        "grad_accum": _POS_INT, "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+        "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                   "auto, cpu, cuda or cuda:N"),
+        "kernels": (lambda v: v in KERNELS, ", ".join(KERNELS)),
+        "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
+        "log_every": _POS_INT, "checkpoint_every": _NONNEG_INT, "keep_checkpoints": _NONNEG_INT,
+        "collapse": (lambda v: v in ("warn", "stop"), "'warn' or 'stop'"), "collapse_after": _UNIT,
+    },
+}
+
+
+# The pretrain flags that set a field, so that an error names what the user typed.
+FLAGS = {
+    "data.source": "--data", "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
+    "optim.lr": "--lr", "data.image_size": "--image-size", "run.device": "--device", "run.precision": "--precision",
+    "run.kernels": "--kernels", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
+    "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "data.tokenizer": "--tokenizer",
+}
+
+
+def field_name(key: str) -> str:
+    return f"{FLAGS[key]} ({key})" if key in FLAGS else key
+
+
+def _fail(key: str, value: Any, accepts: str) -> None:
+    raise ConfigError(f"{field_name(key)} must be {accepts}, got {value!r}")
+
+
+def check_fields(cfg: PretrainConfig) -> None:
+    """Each field against its rule (ranges, choices, finiteness)."""
+    for section, rules in RULES.items():
+        obj = getattr(cfg, section)
+        for name, (ok, accepts) in rules.items():
+            if not hasattr(obj, name):
+                continue
+            value = getattr(obj, name)
+            try:
+                good = ok(value)
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                _fail(f"{section}.{name}", value, accepts)
+
+
+def check_relations(cfg: PretrainConfig) -> None:
+    """Rules that tie fields together."""
+    m, mk, t, o = cfg.model, cfg.mask, cfg.targets, cfg.optim
+    if cfg.modality not in MASK_KINDS:
+        raise ConfigError(f"unknown modality {cfg.modality!r}; choose vision, speech or text")
+    if m.dim % m.num_heads:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.dim ({m.dim})")
+    if t.top_k > m.depth:
+        raise ConfigError(f"targets.top_k ({t.top_k}) cannot exceed the number of blocks model.depth ({m.depth})")
+    if mk.kind not in MASK_KINDS[cfg.modality]:
+        raise ConfigError(f"mask.kind {mk.kind!r} is not available for {cfg.modality}; use "
+                          + " or ".join(repr(k) for k in MASK_KINDS[cfg.modality]))
+    if mk.random_token + mk.unchanged > 1:
+        raise ConfigError(f"mask.random_token + mask.unchanged must be at most 1, got {mk.random_token + mk.unchanged}")
+    if o.warmup_fraction + o.hold_fraction > 1:
+        raise ConfigError("optim.warmup_fraction + optim.hold_fraction must be at most 1")
+    if cfg.modality == "vision":
+        _check_vision_grid(cfg)
+    if cfg.modality == "speech":
+        if not len(m.conv_dim) == len(m.conv_kernel) == len(m.conv_stride):
+            raise ConfigError("model.conv_dim, model.conv_kernel and model.conv_stride must have the same length")
+        if m.dim % m.pos_conv_groups:
+            raise ConfigError(f"model.pos_conv_groups ({m.pos_conv_groups}) must divide model.dim ({m.dim})")
+    if cfg.modality == "text":
+        if m.vocab_size and max(m.pad_id, m.mask_id) >= m.vocab_size:
+            raise ConfigError("model.pad_id and model.mask_id must be smaller than model.vocab_size")
+
+
+def _check_vision_grid(cfg: PretrainConfig) -> None:
+    from d2v.models.vision import auto_patch_size
+
+    m = cfg.model
+    size = cfg.data.image_size or m.image_size
+    if not size:
+        return  # from the data; checked again once the data is read
+    if m.image_size and cfg.data.image_size and m.image_size != cfg.data.image_size:
+        raise ConfigError(f"model.image_size ({m.image_size}) differs from --image-size ({cfg.data.image_size})")
+    patch = m.patch_size or auto_patch_size(size)
+    if size % patch:
+        raise ConfigError(f"model.patch_size ({patch}) must divide the image size ({size})")
+    if size // patch < 2:
+        raise ConfigError(f"an image of {size} px with {patch} px patches gives a {size // patch}x{size // patch} "
+                          "grid; data2vec needs at least 2x2 patches (raise --image-size or lower model.patch_size)")
+    if m.pixel_mean and m.in_chans and len(m.pixel_mean) != m.in_chans:
+        raise ConfigError(f"model.pixel_mean needs one value per channel ({m.in_chans}), got {len(m.pixel_mean)}")
+    if len(m.pixel_mean) != len(m.pixel_std):
+        raise ConfigError("model.pixel_mean and model.pixel_std must have the same number of values")
+
+
+def tokens_per_sample(cfg: PretrainConfig) -> int:
+    m = cfg.model
+    if cfg.modality == "vision":
+        from d2v.models.vision import auto_patch_size
+
+        size = cfg.data.image_size or m.image_size or 8
+        patch = m.patch_size or auto_patch_size(size)
+        return (size // patch) ** 2 + 1
+    if cfg.modality == "text":
+        return m.max_length
+    samples = int(cfg.data.crop_seconds * m.sample_rate)
+    for stride in m.conv_stride:
+        samples //= stride
+    return max(samples, 1)
+
+
+def estimate_bytes(cfg: PretrainConfig) -> int:
+    """A lower bound on the memory one training step needs: fp32 weights with Adam state for the student, the
+    teacher's weights, and the activations the student keeps for backward (B x T x D per block, times the
+    tensors a pre/post-LN block stores, plus the attention probabilities)."""
+    m = cfg.model
+    D, L, B, T = m.dim, m.depth, cfg.run.batch_size, tokens_per_sample(cfg)
+    ffn = getattr(m, "ffn_dim", 0) or int(D * getattr(m, "mlp_ratio", 4.0))
+    params = L * (4 * D * D + 2 * D * ffn)
+    if cfg.modality == "text":
+        params += max(m.vocab_size, cfg.data.vocab_size) * D + (m.max_length + 2) * D
+    if cfg.modality == "speech":
+        chans = [1, *m.conv_dim]
+        params += sum(chans[i] * chans[i + 1] * k for i, k in enumerate(m.conv_kernel))
+    weights = params * 4 * 5  # student, grad, two Adam moments, teacher
+    per_block = B * T * (8 * D + 2 * ffn) + B * m.num_heads * T * T
+    if cfg.modality == "speech":  # the conv front end's activations at its first (widest in time) layers
+        samples = int(cfg.data.crop_seconds * m.sample_rate)
+        per_block += B * samples // max(m.conv_stride[0], 1) * m.conv_dim[0] * 2 // max(L, 1)
+    return int(weights + per_block * L * 4)
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """(bytes, where) of the memory a run on `device` may use: GPU memory, else the machine's RAM."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index < torch.cuda.device_count():
+            return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    except (ValueError, OSError, AttributeError):
+        return 0, "unknown"
+
+
+def check_memory(cfg: PretrainConfig) -> None:
+    need = estimate_bytes(cfg)
+    have, where = available_bytes(cfg.run.device)
+    if have and need > have:
+        raise ConfigError(f"this config needs at least {need / 2**30:.1f} GiB per step but {where} has "
+                          f"{have / 2**30:.1f} GiB; lower --batch-size (use --grad-accum for the same batch), "
+                          "--image-size, model.dim or model.depth")
+
+
+def validate_config(cfg: PretrainConfig) -> None:
+    """Every check that needs no data: fields, relations between them, and the memory estimate."""
+    check_fields(cfg)
+    check_relations(cfg)
+    check_memory(cfg)
