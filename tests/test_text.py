@@ -234,8 +234,10 @@ def test_resume_is_exact_and_refuses_a_different_corpus(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "part" / "config.json").read_text())
     cfg["data"]["vocab_size"] = 350  # a different tokenizer than the run's embeddings were trained with
     (tmp_path / "part" / "config.json").write_text(json.dumps(cfg))
+    from d2v.train import load_run_config
+
     with pytest.raises(ConfigError, match="different tokenizer"):
-        pretrain(text_config(), out=tmp_path / "part", resume=True, progress=False)
+        pretrain(load_run_config(tmp_path / "part"), out=tmp_path / "part", resume=True, progress=False)
 
 
 # ------------------------------------------------------------------------------------ CLI, export, probe
