@@ -131,6 +131,7 @@ class DataConfig:
     image_size: int = 0  # 0: the data's own size; else images are resized to this
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, area fraction (1, 1): none
     hflip: bool = True
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1 - x, 1 + x] (BEiT: 0.4)
     skip_bad_files: bool = False
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
     tokenizer: str = ""  # text: a tokenizer.json to use instead of training one (e.g. RoBERTa's BPE)

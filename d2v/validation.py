@@ -69,6 +69,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "data": {
         "source": (lambda v: bool(v.strip()), "a built-in dataset name or a path"),
         "image_size": (lambda v: v == 0 or 2 <= v <= 8192, "0 (the data's own size) or 2 to 8192 pixels"),
+        "color_jitter": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
         "crop_scale": (lambda v: len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
                        "two area fractions 0 < min <= max <= 1, e.g. 0.6,1.0"),
         "vocab_size": (lambda v: 300 <= v <= 1_000_000, "an integer from 300 to 1000000"),

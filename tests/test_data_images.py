@@ -210,3 +210,21 @@ def test_workers_give_the_same_run_as_no_workers(tmp_path):
     a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w2")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_color_jitter_changes_brightness_contrast_saturation_within_bounds():
+    from d2v.data.pipeline import color_jitter
+
+    rng = np.random.default_rng()
+    x = torch.rand(64, 3, 8, 8) * 0.5 + 0.25
+    y = color_jitter(x, 0.4, rng)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    ratio = y.mean(dim=(1, 2, 3)) / x.mean(dim=(1, 2, 3))
+    assert ratio.min() < 0.85 and ratio.max() > 1.15 and ratio.min() > 0.3  # brightness moves, within bounds
+    assert torch.equal(color_jitter(x, 0.4, np.random.default_rng(3)), color_jitter(x, 0.4, np.random.default_rng(3)))
+    gray = color_jitter(x[:, :1], 0.4, rng)
+    assert gray.shape == (64, 1, 8, 8)
+    from d2v.presets import preset_config
+
+    assert preset_config("vision", "base").data.color_jitter == 0.4
+    assert preset_config("vision", "base").data.crop_scale == (0.08, 1.0)

@@ -98,11 +98,13 @@ class VisionPipeline:
         return {MANIFEST_NAME: self.dataset.samples.to_manifest()} if self.files else {}
 
     def on_device(self, batch: Batch, k: int) -> Batch:
+        d = self.cfg.data
         if self.files:  # already cropped in micro_batch
             batch.inputs = batch.inputs.float() / 255.0
-            return batch
-        batch.inputs = random_resized_crop(batch.inputs, self.cfg.data.crop_scale, self.cfg.data.hflip,
-                                           rng_for(self.cfg.run.seed, 2, k))
+        else:
+            batch.inputs = random_resized_crop(batch.inputs, d.crop_scale, d.hflip, rng_for(self.cfg.run.seed, 2, k))
+        if d.color_jitter > 0:
+            batch.inputs = color_jitter(batch.inputs, d.color_jitter, rng_for(self.cfg.run.seed, 5, k))
         return batch
 
 
@@ -136,6 +138,22 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip:
     theta = torch.from_numpy(theta).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(images: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation (in that order), each a factor in [1 - strength,
+    1 + strength]; images (B, C, H, W) in [0, 1], on their device. Grayscale images get no saturation change."""
+    B, C = images.shape[:2]
+    f = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, (3, B, 1, 1, 1))).to(images.device, images.dtype)
+    luma = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    gray = (lambda x: (x * luma).sum(1, keepdim=True)) if C == 3 else (lambda x: x)  # noqa: E731
+    x = (images * f[0]).clamp(0, 1)
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * f[1] + mean).clamp(0, 1)
+    if C == 3:
+        g = gray(x)
+        x = ((x - g) * f[2] + g).clamp(0, 1)
+    return x
 
 
 def build_pipeline(cfg: PretrainConfig, run_dir=None):
