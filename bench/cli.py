@@ -81,6 +81,7 @@ def data(
     num_workers: int = typer.Option(-1, "--num-workers", min=-1, help="DataLoader workers (-1: automatic)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=2, help="Resize/crop images to this (vision)."),
     model_steps: int = typer.Option(3, "--model-steps", min=0, help="Also time this many training steps on one batch."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted)."),
     device: str = typer.Option("cpu", "--device", help="Device for the training-step timing."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the row as JSON here."),
 ) -> None:
@@ -91,7 +92,8 @@ def data(
 
     console = Console(width=None if sys.stdout.isatty() else 170)
     try:
-        row = run(modality, source, preset, batches, batch_size, num_workers, image_size, model_steps, device)
+        row = run(modality, source, preset, batches, batch_size, num_workers, image_size, model_steps, device,
+                  {"data.skip_bad_files": True} if skip_bad_files else None)
     except UserError as exc:
         console.print(f"[red]Error:[/red] {exc}", highlight=False)
         raise typer.Exit(2)
