@@ -1,8 +1,6 @@
 """Image files: listed not decoded, bad files found lazily, every PIL mode as a user expects it, crops from the
 original image without stretching, a run's file list kept for an exact resume, workers equal no workers."""
 import io
-import json
-import shutil
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Text at scale: the corpus is tokenized once into a cached token file and streamed, memory does not grow with
 the corpus, a given tokenizer.json is used as is, paths expand `~`."""
-import json
 import os
 import subprocess
 import sys
