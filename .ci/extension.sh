@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI check of the compiled extension, run after `pip install -e .`:
 #   1. every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (no GPU needed: the kernels include only the
-#      CUDA toolkit's headers);
+#      CUDA toolkit's headers), and the SASS of those objects passes .ci/check_sass.py: 128-bit global loads
+#      (LDG.E.128) on the vector path of every hot kernel, no local-memory spills (cuobjdump from the toolkit, or
+#      the copy bundled with triton; the check is skipped with a notice when neither exists);
 #   2. the CUDA glue (csrc/cuda/ops_cuda.cpp) passes a syntax check against torch's headers when the toolkit
 #      and the torch headers it needs are present;
 #   3. the CMake build (CPU module + the CUDA kernels as an object library) configures and builds.
@@ -35,6 +37,17 @@ for cu in csrc/cuda/*.cu; do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+
+echo "== SASS of the kernels: 128-bit loads in the hot kernels, no spills"
+set +e
+"$PYTHON" .ci/check_sass.py "$WORK"/*.o
+sass_rc=$?
+set -e
+if [[ $sass_rc -eq 2 ]]; then
+  echo "   skipped: no cuobjdump (install the CUDA toolkit's cuobjdump or triton, or set CUOBJDUMP)"
+elif [[ $sass_rc -ne 0 ]]; then
+  exit 1
+fi
 
 echo "== syntax check of csrc/cuda/ops_cuda.cpp against torch's headers"
 TORCH_INC="$("$PYTHON" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))')"

@@ -34,6 +34,9 @@ def kernels(
         None, "--compile/--no-compile", help="Include torch.compile of the reference [default: on unless --quick]."),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Timed runs per implementation (median)."),
     ops: str = typer.Option("targets,ema,loss", "--ops", help="Comma-separated subset of targets, ema, loss."),
+    case: Optional[str] = typer.Option(None, "--case", help="Only cases whose name contains this text."),
+    jsonl_path: Optional[Path] = typer.Option(
+        None, "--jsonl", help="Append each result as one JSON line as soon as it is measured (a meta line first)."),
 ) -> None:
     """Time every available implementation of targets, EMA update and the masked loss; print a table."""
     from .kernels import OPS, run
@@ -43,23 +46,37 @@ def kernels(
     if unknown:
         raise typer.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--ops")
     console = Console(width=None if sys.stdout.isatty() else 170)  # full table when piped to a log
+    argv = sys.argv[sys.argv.index("kernels") + 1:] if "kernels" in sys.argv else []
+    command = shlex.join(["d2v", "bench", "kernels", *argv])
+
+    def append(record: dict) -> None:
+        if jsonl_path is not None:
+            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            with jsonl_path.open("a") as f:  # one line per record, flushed at once: partial runs keep their rows
+                f.write(json.dumps(record) + "\n")
+
+    def on_row(r: dict) -> None:
+        console.print(f"  {r['op']:8s} {r['impl']:13s} {r['median_ms']:10.3f} ms  {r['case']}", style="dim")
+        append({"kind": "row", **r})
+
     try:
         result = run(quick=quick, device=device, include_interpreter=include_interpreter, compile_=compile_,
-                     runs=runs, ops=chosen, on_row=lambda r: console.print(
-                         f"  {r['op']:8s} {r['impl']:13s} {r['median_ms']:10.3f} ms  {r['case']}", style="dim"))
+                     runs=runs, ops=chosen, case_filter=case, on_row=on_row,
+                     on_meta=lambda m: append({"kind": "meta", "command": command, **m}))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    argv = sys.argv[sys.argv.index("kernels") + 1:] if "kernels" in sys.argv else []
-    result["meta"]["command"] = shlex.join(["d2v", "bench", "kernels", *argv])
+    result["meta"]["command"] = command
+    for s in result["skipped"]:
+        append({"kind": "skipped", **s})
     meta = result["meta"]
     table = Table(title=f"d2v kernels on {meta['device_name']} ({meta['device']}), copy {meta['copy_gbps']:.1f} GB/s")
-    for col in ("op", "case", "impl", "median ms", "MB", "GB/s", "% copy", "vs eager", "vs compile"):
+    for col in ("op", "case", "impl", "median ms", "MB", "GB/s", "% copy", "vs eager", "vs compile", "vs foreach"):
         table.add_column(col, justify="left" if col in ("op", "case", "impl") else "right", no_wrap=True)
     for r in result["rows"]:
         table.add_row(r["op"], r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{r['bytes'] / 1e6:.1f}",
                       f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}", _fmt(r["speedup_vs_eager"], ".2f"),
-                      _fmt(r["speedup_vs_compile"], ".2f"))
+                      _fmt(r["speedup_vs_compile"], ".2f"), _fmt(r.get("speedup_vs_foreach"), ".2f"))
     console.print(table)
     for s in result["skipped"]:
         where = f"{s['op']} / {s['case']} / " if "op" in s else ""

@@ -44,8 +44,9 @@ class TargetsCase:
     norm: str
     final_norm: str
     dtype: torch.dtype
-    mask_prob: float | None  # None: targets for every step
+    mask_prob: float | None  # None: targets for every step (what the objective asks for)
     pad_prob: float | None  # None: no padding mask
+    prefix: int = 0  # leading tokens (cls) the objective slices off: layers are views layer[:, prefix:]
 
 
 @dataclass
@@ -62,29 +63,33 @@ class LossCase:
     T: int
     D: int
     mask_prob: float
-    dtype: torch.dtype
+    dtype: torch.dtype  # pred's dtype; the target is fp32, as ops.targets returns it
+    backward: bool = True
 
 
 def cases(quick: bool):
-    """(targets, ema, loss) cases: the sizes of issue 3, or tiny ones that run in seconds on a CPU."""
+    """(targets, ema, loss) cases at the sizes training runs (issue 11), or tiny ones that run in seconds."""
     if quick:
-        return ([TargetsCase("tiny layer K=3", 2, 9, 32, 3, "layer", "layer", torch.bfloat16, None, None),
+        return ([TargetsCase("tiny layer K=3", 2, 9, 32, 3, "layer", "layer", torch.bfloat16, None, None, prefix=1),
                  TargetsCase("tiny instance K=2", 2, 12, 32, 2, "instance", "none", torch.bfloat16, 0.5, 0.2)],
                 [EmaCase("tiny ViT fp32", vit_param_shapes(32, 2, 64, 4, 17), torch.float32),
                  EmaCase("tiny ViT bf16 student", vit_param_shapes(32, 2, 64, 4, 17), torch.bfloat16)],
-                [LossCase("tiny", 2, 16, 32, 0.6, torch.float32)])
+                [LossCase("tiny", 2, 16, 32, 0.6, torch.bfloat16)])
     vit_b, vit_l = vit_param_shapes(768, 12, 3072), vit_param_shapes(1024, 24, 4096)
-    return ([TargetsCase("ViT-B 64x197x768 K=6 layer+final layer", 64, 197, 768, 6, "layer", "layer",
-                         torch.bfloat16, None, None),
-             TargetsCase("ViT-B 64x197x768 K=10 layer+final layer", 64, 197, 768, 10, "layer", "layer",
-                         torch.bfloat16, None, None),
-             TargetsCase("speech 8x1500x768 K=8 instance, padded, 50% masked", 8, 1500, 768, 8, "instance",
-                         "none", torch.bfloat16, 0.5, 0.1)],
+    # Targets as the objective computes them: the teacher's top-K block outputs (B, 197, D) in bf16 under AMP,
+    # passed as views layer[:, 1:] (the cls token sliced off), no mask; speech: instance norm with padding.
+    return ([TargetsCase("ViT-B 256x196x768 K=6 layer+final layer, bf16 views", 256, 196, 768, 6, "layer", "layer",
+                         torch.bfloat16, None, None, prefix=1),
+             TargetsCase("ViT-L 256x196x1024 K=10 layer+final layer, bf16 views", 256, 196, 1024, 10, "layer",
+                         "layer", torch.bfloat16, None, None, prefix=1),
+             TargetsCase("speech 16x1500x768 K=8 instance, padded, bf16", 16, 1500, 768, 8, "instance", "none",
+                         torch.bfloat16, None, 0.1)],
             [EmaCase("ViT-B 86M fp32", vit_b, torch.float32),
              EmaCase("ViT-B 86M bf16 student", vit_b, torch.bfloat16),
              EmaCase("ViT-L 304M fp32", vit_l, torch.float32),
              EmaCase("ViT-L 304M bf16 student", vit_l, torch.bfloat16)],
-            [LossCase("ViT-B 64x196x768 60% masked, fwd+bwd", 64, 196, 768, 0.6, torch.float32)])
+            [LossCase("ViT-B 256x196x768 60% masked, bf16 pred, fwd+bwd", 256, 196, 768, 0.6, torch.bfloat16),
+             LossCase("ViT-L 256x196x1024 60% masked, bf16 pred, fwd+bwd", 256, 196, 1024, 0.6, torch.bfloat16)])
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -161,11 +166,14 @@ def _targets_runs(case: TargetsCase, device, chosen, compiled):
     from d2v import ops
     from d2v.ops import reference
 
-    layers = [torch.randn(case.B, case.T, case.D, device=device).to(case.dtype) for _ in range(case.K)]
+    full = [torch.randn(case.B, case.T + case.prefix, case.D, device=device).to(case.dtype) for _ in range(case.K)]
+    layers = [x[:, case.prefix:] for x in full]  # views, as the objective passes them
     mask = (torch.rand(case.B, case.T, device=device) < case.mask_prob) if case.mask_prob is not None else None
     pad = (torch.rand(case.B, case.T, device=device) < case.pad_prob) if case.pad_prob is not None else None
     args = (layers, case.norm, case.final_norm, mask, pad)
     rows = mask.sum().item() if mask is not None else case.B * case.T
+    # must read every layer once (instance norm: twice is the best a kernel that does not keep all of T on
+    # chip can do, but the model counts once) and write the fp32 rows once
     nbytes = case.K * layers[0].numel() * layers[0].element_size() + rows * case.D * 4
     runs = {}
     for name, backend in chosen.items():
@@ -211,11 +219,14 @@ def _loss_runs(case: LossCase, device, chosen, compiled):
     from d2v.ops import reference
 
     pred = torch.randn(case.B, case.T, case.D, device=device).to(case.dtype).requires_grad_(True)
-    target = torch.randn(case.B, case.T, case.D, device=device).to(case.dtype)
+    target = torch.randn(case.B, case.T, case.D, device=device)  # fp32, as ops.targets returns it
     mask = torch.rand(case.B, case.T, device=device) < case.mask_prob
-    size = pred.element_size()
-    # must read: the mask and the selected rows of pred and target; must write: the whole gradient
-    nbytes = mask.numel() + int(mask.sum()) * case.D * 2 * size + pred.numel() * size
+    # Bytes model of forward + backward: read the mask and the selected rows of pred and target (the loss), and
+    # write pred.grad in pred's dtype for every row (the backward; zeros on unselected rows). Reading pred and
+    # target again in the backward, or an fp32 intermediate gradient, are an implementation's extra traffic.
+    selected = int(mask.sum())
+    nbytes = (mask.numel() + selected * case.D * (pred.element_size() + target.element_size())
+              + pred.numel() * pred.element_size())
 
     def fwd_bwd(loss_fn):
         pred.grad = None
@@ -257,8 +268,15 @@ def run(
     max_seconds: float | None = None,
     ops: tuple[str, ...] = tuple(OPS),
     on_row: Callable[[dict], None] | None = None,
+    case_filter: str | None = None,
+    on_meta: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Benchmark the hot ops; returns {"meta": {...}, "rows": [...], "skipped": [...]} (JSON-ready)."""
+    """Benchmark the hot ops; returns {"meta": {...}, "rows": [...], "skipped": [...]} (JSON-ready).
+
+    case_filter: only cases whose name contains it. on_meta(meta) is called once before the first case and
+    on_row(row) after each measured row, so a caller can write results as they come (a run that is cut short
+    still leaves every finished row behind).
+    """
     dev = resolve_device(device)
     if include_interpreter and dev.type == "cpu" and "triton" not in sys.modules:
         # @triton.jit picks the interpreter at import time; once triton is in, the caller's setting stands.
@@ -273,8 +291,15 @@ def run(
     by_op = {"targets": targets_cases, "ema": ema_cases, "loss": loss_cases}
     compiled: dict[str, Callable] = {}
     rows, skipped = [], [{"impl": k, "reason": v} for k, v in skipped_impls.items()]
+    meta = {"device": dev.type, "device_name": _device_name(dev), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "triton": _triton_version(), "copy_gbps": copy_gbps, "quick": quick,
+            "runs": runs, "warmup": warmup, "auto": _auto_backend(dev)}
+    if on_meta:
+        on_meta(meta)
     for op in ops:
         for case in by_op[op]:
+            if case_filter and case_filter not in case.name:
+                continue
             fns, nbytes = OPS[op](case, dev, chosen, compiled)
             times = {}
             for impl, fn in fns.items():
@@ -288,15 +313,22 @@ def run(
                 row = {"op": op, "case": case.name, "impl": impl, "median_ms": ms, "bytes": nbytes,
                        "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps,
                        "speedup_vs_eager": times["reference"] / ms if "reference" in times else None,
-                       "speedup_vs_compile": times["compile"] / ms if "compile" in times else None}
+                       "speedup_vs_compile": times["compile"] / ms if "compile" in times else None,
+                       "speedup_vs_foreach": times["foreach_lerp"] / ms if "foreach_lerp" in times else None,
+                       "device_name": meta["device_name"], "copy_gbps": copy_gbps}
                 rows.append(row)
                 if on_row:
                     on_row(row)
             del fns
-    meta = {"device": dev.type, "device_name": _device_name(dev), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "triton": _triton_version(), "copy_gbps": copy_gbps, "quick": quick,
-            "runs": runs, "warmup": warmup}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return {"meta": meta, "rows": rows, "skipped": skipped}
+
+
+def _auto_backend(dev: torch.device) -> str:
+    from d2v.ops import backends
+
+    return backends.resolve("auto", dev.type)
 
 
 def _device_name(dev: torch.device) -> str:

@@ -3,6 +3,7 @@
 // Rows are processed in fixed blocks whose partial sums are added in block order, so the loss does not depend
 // on the number of threads.
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -29,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
               "d2v: pred and target must have one shape (..., D)");
   TORCH_CHECK(reduction == "mean" || reduction == "sum", "d2v: reduction must be 'mean' or 'sum'");
   const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
-  const int64_t D = pred.size(-1), R = D == 0 ? 0 : pred.numel() / D;
+  // R rows of D; with D = 0 still the product of the leading sizes (the mask has that many entries).
+  const int64_t D = pred.size(-1), R = c10::multiply_integers(pred.sizes().slice(0, pred.dim() - 1));
   at::Tensor mask;
   const bool* m = nullptr;
   int64_t count = R;
@@ -41,10 +43,13 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
     for (int64_t r = 0; r < R; ++r) count += m[r];
   }
   const double factor = reduction == "mean" ? scale / static_cast<double>(std::max<int64_t>(count, 1)) : scale;
-  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred_in.options());
-  const auto gd = grad.scalar_type();
-  const bool grad_direct = gd == at::kFloat;  // else via a scratch row, converted on store
+  // The gradient is fp32, or bf16 for bf16 pred (fp32's exponent range), never fp16: the autograd wrapper scales
+  // it by the incoming gradient before rounding (an unscaled fp16 gradient underflows, and a grad scaler's
+  // factor overflows fp16).
+  const auto gd = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(gd)) : at::empty({0}, pred_in.options());
   char* gp = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const bool grad_direct = gd == at::kFloat;  // else through a scratch row, converted on store
   const auto pd = pred.scalar_type(), td = target.scalar_type();
   const char* pp = static_cast<const char*>(pred.data_ptr());
   const char* tp = static_cast<const char*>(target.data_ptr());
@@ -76,7 +81,6 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
   double total = 0.0;
   for (double v : partial) total += v;
   at::Tensor loss = at::scalar_tensor(total * factor, pred_in.options().dtype(at::kFloat));
-  if (need_grad && grad.scalar_type() != pred_in.scalar_type()) grad = grad.to(pred_in.scalar_type());
   return {loss, grad};
 }
 

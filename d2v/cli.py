@@ -18,8 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: readable at 80 columns, no truncated option names
 )
-export_app = typer.Typer(help="Export a run's encoder.", no_args_is_help=True)
+export_app = typer.Typer(help="Export a run's encoder.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(export_app, name="export")
 console = Console()
 err_console = Console(stderr=True)
@@ -103,7 +104,7 @@ def pretrain(
     kernels: Optional[Kernels] = typer.Option(None, help="Implementation of the hot ops (auto picks the fastest)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, masks, init)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N updates (0: only at the end)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding batches (default: one "
+    num_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes decoding batches (default: one "
                                               "per spare core, up to 8, for files; none for in-memory sets)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
     set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
@@ -148,18 +149,23 @@ def pretrain(
         cfg.data.source = _resolve_source(cfg.data.source)
         if cfg.data.tokenizer:
             cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
-    validate(cfg)
+    validate(cfg, memory=not dry_run)
     if dry_run:
         from d2v.data.pipeline import build_pipeline
+        from d2v.validation import memory_problem
 
         build_pipeline(cfg)  # resolves data-dependent fields
-        validate(cfg)
+        validate(cfg, data_ready=True, memory=False)
         console.print_json(cfg.to_json())
+        if memory_problem(cfg):  # a dry run shows big configs on small machines, and says what a run would do
+            err_console.print(f"Warning: {escape(memory_problem(cfg))}", highlight=False, soft_wrap=True)
         return
     summary = run_pretrain(cfg, out=out, resume=resume, console=console, progress=progress)
     if summary.complete:
         return
     table = Table(title="pretrain summary", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths whole, folded if long: never cut with an ellipsis
     table.add_row("steps", f"{summary.steps} / {cfg.run.steps}" + ("  (stopped early)" if summary.interrupted else ""))
     table.add_row("final loss", f"{summary.final_loss:.4f}")
     table.add_row("throughput", f"{summary.samples_per_s:.1f} samples/s")
@@ -175,8 +181,9 @@ def pretrain(
         console.print(f"Next: d2v pretrain --out {_quote(summary.run_dir)} --resume", soft_wrap=True,
                       highlight=False, markup=False)
     else:
-        console.print(f"Next: d2v export checkpoint {_quote(summary.run_dir)} --out "
-                      f"{_quote(summary.run_dir / 'export')}", soft_wrap=True, highlight=False, markup=False)
+        encoder_dir = summary.run_dir.with_name(summary.run_dir.name + "-encoder")
+        console.print(f"Next: d2v export checkpoint {_quote(summary.run_dir)} --out {_quote(encoder_dir)}",
+                      soft_wrap=True, highlight=False, markup=False)
     if summary.signal:
         raise typer.Exit(128 + summary.signal)
 
@@ -209,7 +216,9 @@ def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality:
     from d2v.config import PretrainConfig, from_dict, set_by_path
     from d2v.errors import ConfigError
 
-    allowed = {"run.device", "data.num_workers", "run.kernels"}
+    from d2v.train import RESUME_MAY_CHANGE
+
+    allowed = set(RESUME_MAY_CHANGE)
     if preset is not None and preset != saved.preset:
         raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
     if modality is not None and modality != saved.modality:
@@ -232,17 +241,20 @@ def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality:
 @user_errors
 def export_checkpoint(
     run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain (or one of its checkpoints)."),
-    out: Path = typer.Option(..., help="Directory to write the encoder to."),
+    out: Path = typer.Option(..., help="New directory to write the encoder to (outside the run directory)."),
     weights: str = typer.Option("student", help="Which network to export: student or teacher (EMA)."),
-    hf: bool = typer.Option(True, help="Also write OUT/hf, loadable by Hugging Face transformers."),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="Also write OUT/hf, loadable by Hugging Face transformers."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export in OUT (written whole, then swapped)."),
 ):
     """Write a self-contained encoder directory (safetensors + config) and a transformers directory."""
     from d2v.export import export_checkpoint as run_export
 
-    paths = run_export(run_dir, out, weights=weights, hf=hf)
-    console.print(f"Encoder written to {paths['d2v']} (load with d2v.load_encoder)")
+    paths = run_export(run_dir, out, weights=weights, hf=hf, force=force)
+    console.print(f"Encoder written to {escape(str(paths['d2v']))} (load with d2v.load_encoder)", highlight=False,
+                  soft_wrap=True)
     if "hf" in paths:
-        console.print(f"Hugging Face directory written to {paths['hf']} (load with transformers' from_pretrained)")
+        console.print(f"Hugging Face directory written to {escape(str(paths['hf']))} (load with transformers' "
+                      "from_pretrained)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -267,15 +279,47 @@ def probe(
     from d2v.train import resolve_device
 
     dev = resolve_device(device)
+    if json_out is not None:
+        _check_writable_file(json_out, "--json")
     with console.status("Extracting features and fitting the probe..."):
         result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed,
                             holdout=[p for p in (holdout or "").split(",") if p])
     kind = "random-init" if random_init else "pretrained"
-    console.print(f"Linear probe on {data} ({kind}): test accuracy {result.accuracy:.4f} "
+    console.print(f"Linear probe on {escape(data)} ({kind}): test accuracy {result.accuracy:.4f} "
                   f"(train {result.train_accuracy:.4f}; {result.n_train} train / {result.n_test} test, "
                   f"{result.n_classes} classes, {result.feature_dim}-dim features)")
     if json_out:
-        json_out.write_text(json.dumps({"data": data, "path": str(path), **asdict(result)}, indent=2) + "\n")
+        from d2v.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, {"data": data, "path": str(path), **asdict(result)})
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    """Fail before any work unless `path` can be written (its directory exists and is writable; not a directory)."""
+    import os
+
+    from d2v.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{what} {path} is not writable")
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write. Default: RUN_DIR/metrics.png."),
+):
+    """Draw loss, learning rate, EMA tau, target/prediction std (and logged accuracies) against steps."""
+    from d2v.plot import plot_run
+
+    path = plot_run(run_dir, out)
+    console.print(f"Wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command()

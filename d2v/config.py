@@ -220,6 +220,10 @@ def set_by_path(cfg: PretrainConfig, key: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if last not in fields:
         raise ConfigError(f"unknown config field {key!r}")
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        raise ConfigError(f"{key!r} is a config section, not a field; set one of its fields, e.g. {key}.{dataclasses.fields(getattr(obj, last))[0].name}=...")
+    if key in ("modality", "preset", "model.modality"):
+        raise ConfigError(f"{key} cannot be set with --set; use --modality / --preset")
     hint = typing.get_type_hints(type(obj))[last]
     setattr(obj, last, coerce(value, hint, key))
 

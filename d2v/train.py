@@ -28,12 +28,19 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch.device that exists here; otherwise a ConfigError saying why."""
+    name = name.strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for, but no CUDA device is visible to torch")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} was asked for, but no CUDA device is visible to torch")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} was asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                              "are visible")
     return torch.device(name)
 
 
@@ -69,11 +76,11 @@ def param_groups(model: Data2Vec, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Every check of the config that needs no data (see d2v.validation)."""
+def validate(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True) -> None:
+    """Every check of the config (see d2v.validation); data_ready once the data has filled its fields."""
     from d2v.validation import validate_config
 
-    validate_config(cfg)
+    validate_config(cfg, data_ready, memory)
 
 
 class DivergedError(UserError):
@@ -98,6 +105,7 @@ class Summary:
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers")  # where a run executes, not what it computes
 
 
 class _StopFlag:
@@ -178,16 +186,22 @@ def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[ru
 
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True) -> Summary:
-    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume, `cfg` is ignored in
-    favour of the run's saved config (load it with load_run_config to change the options a resume may change)."""
+    """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
+    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`."""
     from rich.console import Console
     from rich.markup import escape
 
     console = console or Console()
-    say = lambda msg: console.print(escape(msg), highlight=False)  # noqa: E731
-    run_dir = resolve_run_dir(cfg, out)
+    say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+    run_dir = resolve_run_dir(cfg, out)
+    if resume:
+        saved = load_run_config(run_dir)
+        for key in RESUME_MAY_CHANGE:
+            section, name = key.split(".")
+            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+        cfg = saved
     validate(cfg)
     device = resolve_device(cfg.run.device)
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
@@ -197,7 +211,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
 
     # fills data-dependent model fields (image size, channels, pixel stats); a resumed run reads its saved data list
     pipeline = build_pipeline(cfg, run_dir if resume else None)
-    validate(cfg)  # again, with the fields the data filled in
+    validate(cfg, data_ready=True)  # again, with the fields the data filled in
     lock, fresh = _open_run(cfg, run_dir, resume, say)
     try:
         return _train(cfg, run_dir, fresh, pipeline, device, console, say, progress, wall0)
@@ -219,7 +233,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
         start = _restore(run_dir, model, optimizer, scaler)
         if start >= total:
             say(f"{run_dir} is complete: it ran all {total} steps; nothing to resume. "
-                f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}/export")
+                f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}-encoder")
             return Summary(run_dir=run_dir, checkpoint=ckpt.latest_checkpoint(run_dir), steps=start,
                            final_loss=_last_logged_loss(run_dir / "metrics.jsonl"), samples_per_s=0.0,
                            wall_s=time.perf_counter() - wall0, interrupted=False, skipped_files=0, collapsed=False,

@@ -26,34 +26,46 @@ _PROB: Rule = (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)")
 _UNIT: Rule = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 _POS: Rule = (lambda v: _finite(v) and v > 0, "a positive number")
 _NONNEG: Rule = (lambda v: _finite(v) and v >= 0, "a number of at least 0")
+_SMALL_POS: Rule = (lambda v: _finite(v) and 0 < v <= 1, "a positive number of at most 1")
+# a given tokenizer.json (--tokenizer) places its specials where it likes (RoBERTa: <mask> = 50264)
+_SPECIAL_ID: Rule = (lambda v: 0 <= v < 1 << 31, "the id of a special token (<s> <pad> </s> <unk> <mask>), at least 0")
 
 RULES: dict[str, dict[str, Rule]] = {
     "model": {
-        "image_size": _NONNEG_INT, "patch_size": _NONNEG_INT, "in_chans": (lambda v: 0 <= v <= 64, "0 (from the data) to 64"),
-        "dim": _POS_INT, "depth": _POS_INT, "num_heads": _POS_INT, "mlp_ratio": _POS,
-        "layer_scale_init": _NONNEG, "drop_path": _PROB, "ln_eps": _POS,
+        "image_size": (lambda v: v == 0 or 2 <= v <= 8192, "0 (from the data) or 2 to 8192 pixels"),
+        "patch_size": (lambda v: 0 <= v <= 8192, "0 (from the image size) to 8192 pixels"), "in_chans": (lambda v: 0 <= v <= 64, "0 (from the data) to 64"),
+        "dim": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"),
+        "depth": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+        "num_heads": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+        "mlp_ratio": (lambda v: _finite(v) and 0 < v <= 64, "a positive number of at most 64"),
+        "layer_scale_init": (lambda v: _finite(v) and 0 <= v <= 10, "a number from 0 to 10"), "drop_path": _PROB,
+        "ln_eps": _SMALL_POS,
         "pixel_mean": (lambda v: all(_finite(x) for x in v), "finite numbers, one per channel"),
-        "pixel_std": (lambda v: all(_finite(x) and x > 0 for x in v), "positive numbers, one per channel"),
-        "vocab_size": _NONNEG_INT, "max_length": (lambda v: v >= 8, "an integer of at least 8"),
-        "ffn_dim": _POS_INT, "dropout": _PROB, "attention_dropout": _PROB, "activation_dropout": _PROB,
-        "layerdrop": _PROB, "pad_id": _NONNEG_INT, "mask_id": _NONNEG_INT,
-        "conv_dim": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
-        "conv_kernel": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
-        "conv_stride": (lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of positive integers"),
-        "pos_conv_depth": _POS_INT, "pos_conv_kernel": _POS_INT, "pos_conv_groups": _POS_INT,
+        "pixel_std": (lambda v: all(_finite(x) and 0 < x <= 10 for x in v), "numbers in (0, 10], one per channel"),
+        "tokenizer_sha256": (lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+                             "empty or the 64-hex-digit sha256 of the run's tokenizer (set by d2v)"),
+        "vocab_size": (lambda v: 0 <= v <= 1_000_000, "0 (from the tokenizer) to 1000000"),
+        "max_length": (lambda v: 8 <= v <= 1 << 20, "an integer from 8 to 1048576"),
+        "ffn_dim": (lambda v: 1 <= v <= 1 << 20, "an integer from 1 to 1048576"), "dropout": _PROB, "attention_dropout": _PROB, "activation_dropout": _PROB,
+        "layerdrop": _PROB, "pad_id": _SPECIAL_ID, "mask_id": _SPECIAL_ID,
+        "conv_dim": (lambda v: len(v) >= 1 and all(1 <= x <= 65536 for x in v), "a non-empty list of integers from 1 to 65536"),
+        "conv_kernel": (lambda v: len(v) >= 1 and all(1 <= x <= 1024 for x in v), "a non-empty list of integers from 1 to 1024"),
+        "conv_stride": (lambda v: len(v) >= 1 and all(1 <= x <= 1024 for x in v), "a non-empty list of integers from 1 to 1024"),
+        "pos_conv_depth": (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+        "pos_conv_kernel": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"), "pos_conv_groups": _POS_INT,
         "sample_rate": (lambda v: 1000 <= v <= 384_000, "a sample rate in Hz between 1000 and 384000"),
     },
     "mask": {
         "ratio": (lambda v: _finite(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-        "min_block": _POS_INT, "aspect_min": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "span_length": _POS_INT, "span_prob": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "min_block": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "aspect_min": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "span_length": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "span_prob": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
         "random_token": _UNIT, "unchanged": _UNIT,
     },
     "targets": {
         "top_k": _POS_INT, "layer": (lambda v: v in ("block", "ffn"), "'block' or 'ffn'"),
         "norm": (lambda v: v in ("layer", "instance", "none"), "'layer', 'instance' or 'none'"),
         "final_norm": (lambda v: v in ("layer", "instance", "none"), "'layer', 'instance' or 'none'"),
-        "eps": _POS, "loss_beta": _NONNEG,
+        "eps": _SMALL_POS, "loss_beta": (lambda v: _finite(v) and 0 <= v <= 100, "a number from 0 (L2) to 100"),
         "loss_scale": (lambda v: v in ("one", "inv_dim", "inv_sqrt_dim"), "'one', 'inv_dim' or 'inv_sqrt_dim'"),
         "head": (lambda v: v in ("linear", "mlp"), "'linear' or 'mlp'"),
     },
@@ -62,7 +74,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "optim": {
         "lr": (lambda v: _finite(v) and 0 < v <= 10, "a positive number of at most 10"),
         "betas": (lambda v: len(v) == 2 and all(_finite(x) and 0 <= x < 1 for x in v), "two numbers in [0, 1)"),
-        "eps": _POS, "weight_decay": _NONNEG,
+        "eps": _SMALL_POS, "weight_decay": (lambda v: _finite(v) and 0 <= v <= 10, "a number from 0 to 10"),
         "schedule": (lambda v: v in ("cosine", "tri_stage", "constant"), "'cosine', 'tri_stage' or 'constant'"),
         "warmup_fraction": _PROB, "hold_fraction": _PROB, "final_lr_ratio": _UNIT, "clip_grad": _NONNEG,
     },
@@ -75,10 +87,12 @@ RULES: dict[str, dict[str, Rule]] = {
         "vocab_size": (lambda v: 300 <= v <= 1_000_000, "an integer from 300 to 1000000"),
         "crop_seconds": (lambda v: _finite(v) and 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"),
         "num_workers": (lambda v: -1 <= v <= 256, "-1 (automatic) or an integer from 0 to 256"),
+        "tokenizer": (lambda v: v == "" or os.path.isfile(os.path.expanduser(v)), "empty or an existing tokenizer.json"),
     },
     "run": {
-        "steps": (lambda v: 1 <= v <= 10**10, "an integer from 1 to 10^10"), "batch_size": _POS_INT,
-        "grad_accum": _POS_INT, "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+        "steps": (lambda v: 1 <= v <= 10**10, "an integer from 1 to 10^10"),
+        "batch_size": (lambda v: 1 <= v <= 1 << 24, "an integer from 1 to 16777216"),
+        "grad_accum": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
         "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                    "auto, cpu, cuda or cuda:N"),
         "kernels": (lambda v: v in KERNELS, ", ".join(KERNELS)),
@@ -146,8 +160,20 @@ def check_relations(cfg: PretrainConfig) -> None:
         if m.dim % m.pos_conv_groups:
             raise ConfigError(f"model.pos_conv_groups ({m.pos_conv_groups}) must divide model.dim ({m.dim})")
     if cfg.modality == "text":
+        if m.pad_id == m.mask_id:
+            raise ConfigError("model.pad_id and model.mask_id must name different special tokens")
         if m.vocab_size and max(m.pad_id, m.mask_id) >= m.vocab_size:
-            raise ConfigError("model.pad_id and model.mask_id must be smaller than model.vocab_size")
+            raise ConfigError(f"model.pad_id ({m.pad_id}) and model.mask_id ({m.mask_id}) must be below "
+                              f"model.vocab_size ({m.vocab_size})")
+        if mk.span_length > m.max_length:
+            raise ConfigError(f"mask.span_length ({mk.span_length}) cannot exceed model.max_length ({m.max_length})")
+    if cfg.modality == "speech":
+        frames = tokens_per_sample(cfg)
+        if frames < 2:
+            raise ConfigError(f"a crop of {cfg.data.crop_seconds} s gives {frames} frame(s) after the conv front end "
+                              "(stride product " f"{math.prod(m.conv_stride)}); raise data.crop_seconds")
+        if mk.span_length >= frames:
+            raise ConfigError(f"mask.span_length ({mk.span_length}) must be shorter than a crop ({frames} frames)")
 
 
 def _check_vision_grid(cfg: PretrainConfig) -> None:
@@ -201,11 +227,12 @@ def estimate_bytes(cfg: PretrainConfig) -> int:
         chans = [1, *m.conv_dim]
         params += sum(chans[i] * chans[i + 1] * k for i, k in enumerate(m.conv_kernel))
     weights = params * 4 * 5  # student, grad, two Adam moments, teacher
-    per_block = B * T * (8 * D + 2 * ffn) + B * m.num_heads * T * T
+    per_block = B * T * (6 * D + 2 * ffn) + B * m.num_heads * T * T
     if cfg.modality == "speech":  # the conv front end's activations at its first (widest in time) layers
         samples = int(cfg.data.crop_seconds * m.sample_rate)
         per_block += B * samples // max(m.conv_stride[0], 1) * m.conv_dim[0] * 2 // max(L, 1)
-    return int(weights + per_block * L * 4)
+    act_bytes = 4 if cfg.run.precision == "fp32" else 2
+    return int(weights + per_block * L * act_bytes)
 
 
 def available_bytes(device: str) -> tuple[int, str]:
@@ -222,17 +249,42 @@ def available_bytes(device: str) -> tuple[int, str]:
         return 0, "unknown"
 
 
-def check_memory(cfg: PretrainConfig) -> None:
+def memory_problem(cfg: PretrainConfig) -> str:
+    """A sentence when one training step cannot fit in the device's memory, else ''."""
     need = estimate_bytes(cfg)
     have, where = available_bytes(cfg.run.device)
     if have and need > have:
-        raise ConfigError(f"this config needs at least {need / 2**30:.1f} GiB per step but {where} has "
-                          f"{have / 2**30:.1f} GiB; lower --batch-size (use --grad-accum for the same batch), "
-                          "--image-size, model.dim or model.depth")
+        return (f"this config needs at least {need / 2**30:.1f} GiB per step but {where} has {have / 2**30:.1f} GiB; "
+                "lower --batch-size (use --grad-accum for the same batch), --image-size, model.dim or model.depth")
+    return ""
 
 
-def validate_config(cfg: PretrainConfig) -> None:
-    """Every check that needs no data: fields, relations between them, and the memory estimate."""
+def check_model(cfg: PretrainConfig) -> None:
+    """Build the encoder on the meta device (no memory, no compute) and check what needs its parameter names."""
+    import torch
+
+    from d2v.models import build_encoder
+
+    try:
+        with torch.device("meta"):
+            encoder = build_encoder(cfg.model)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ConfigError(f"the model config cannot be built: {str(exc).splitlines()[0]}") from None
+    names = [n for n, _ in encoder.named_parameters()]
+    for prefix in cfg.ema.shared:
+        if not any(n.startswith(prefix) for n in names):
+            raise ConfigError(f"ema.shared prefix {prefix!r} matches no parameter of the {cfg.modality} encoder "
+                              f"(its parameters start with {', '.join(sorted({n.split('.')[0] + '.' for n in names}))})")
+
+
+def validate_config(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True) -> None:
+    """Every check that needs no data: fields, relations between them, and (with memory) the memory estimate;
+    with data_ready (the data filled in image size, channels, vocabulary) also a build of the model on the meta
+    device."""
     check_fields(cfg)
     check_relations(cfg)
-    check_memory(cfg)
+    problem = memory_problem(cfg) if memory else ""
+    if problem:
+        raise ConfigError(problem)
+    if data_ready:
+        check_model(cfg)

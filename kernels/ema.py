@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import TL_DTYPES, pointer_table
+from ._layout import TL_DTYPES, device_of, pointer_table, supported
 
 BLOCK = 4096  # elements per program: 16 KB of fp32 teacher, read and written once
 NUM_WARPS = 8
@@ -37,13 +37,15 @@ def _ema_update_kernel(
     start = tl.load(block_index + pid).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     n = tl.load(numels + i)
-    t_base = tl.load(teacher_ptrs + i)
-    s_base = tl.load(student_ptrs + i)
-    if ALIGNED:  # lets the compiler emit 16-byte vector loads through the integer-cast pointers
+    t_base = tl.load(teacher_ptrs + i).to(tl.pointer_type(tl.float32))
+    s_base = tl.load(student_ptrs + i).to(tl.pointer_type(STUDENT_DTYPE))
+    if ALIGNED:
+        # The hint goes on the pointer: put on the integer before the int-to-pointer cast it is lost, and the
+        # loads stay scalar (tests/test_codegen.py checks for 16-byte ld.global.v4 in the PTX).
         t_base = tl.multiple_of(t_base, 16)
         s_base = tl.multiple_of(s_base, 16)
-    t_ptr = t_base.to(tl.pointer_type(tl.float32)) + offs
-    s_ptr = s_base.to(tl.pointer_type(STUDENT_DTYPE)) + offs
+    t_ptr = t_base + offs
+    s_ptr = s_base + offs
     # A mask against a size loaded from memory defeats vector loads (its alignment is unknown), so only a
     # tensor's last block is masked.
     if start + BLOCK <= n:
@@ -85,13 +87,20 @@ def _tables(teacher: list[torch.Tensor], student: list[torch.Tensor]):
 
 @torch.no_grad()
 def ema_update_(teacher, student, decay):
-    """teacher: fp32 tensors; student: fp32/bf16/fp16 tensors of the same shapes; updated in place."""
+    """teacher: fp32 tensors; student: fp32/bf16/fp16 (others via fp32) tensors of the same shapes; in place."""
+    if teacher:
+        with device_of(teacher[0]):
+            _ema_update(teacher, student, decay)
+
+
+def _ema_update(teacher, student, decay):
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for t, s in zip(teacher, student):
         if t.numel() == 0:
             continue
         work = t if t.is_contiguous() else t.contiguous()  # a non-contiguous teacher is updated via a copy
-        groups.setdefault(s.dtype, []).append((t, work, s.contiguous()))
+        s = supported(s).contiguous()
+        groups.setdefault(s.dtype, []).append((t, work, s))
     for dtype, members in groups.items():
         works = [w for _, w, _ in members]
         students = [s for _, _, s in members]

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import device_of, supported
+
 
 @triton.jit
 def _masked_regression_loss_kernel(
@@ -18,7 +20,7 @@ def _masked_regression_loss_kernel(
     target_ptr,  # (R, D) rows stride_target apart
     mask_ptr,  # (R,) uint8, nonzero at selected rows (HAS_MASK only)
     count_ptr,  # () fp32 number of selected rows (COUNT_ON_DEVICE only)
-    grad_ptr,  # (R, D) contiguous, pred's dtype (NEED_GRAD only)
+    grad_ptr,  # (R, D) contiguous, fp32 or bf16 (NEED_GRAD only)
     partial_ptr,  # (n_programs,) fp32 out: this program's share of the loss
     R, D,
     stride_pred, stride_target,
@@ -68,23 +70,35 @@ def _rows_config(D: int) -> tuple[int, int, int]:
     return rows, block_d, 8 if rows * block_d >= 4096 else 4
 
 
+def _grad_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32
+
+
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (R, D) with unit stride over D, copying only when the layout requires it."""
-    x = x.reshape(-1, x.shape[-1])
+    """(..., D) -> (R, D) of a supported dtype with unit stride over D, copying only when required."""
+    x = supported(x).reshape(-1, x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
-    """pred, target (..., D); mask bool pred.shape[:-1] or None -> (fp32 loss (), grad like pred or empty)."""
+    """pred, target (..., D); mask bool pred.shape[:-1] or None -> (fp32 loss (), grad of pred's shape or empty).
+
+    The gradient is fp32, or bf16 for bf16 pred, never fp16: the autograd wrapper folds in the incoming gradient
+    before rounding to pred's dtype.
+    """
+    with device_of(pred):
+        return _loss(pred, target, mask, beta, scale, reduction, need_grad)
+
+
+def _loss(pred, target, mask, beta, scale, reduction, need_grad):
     D = pred.shape[-1]
+    device = pred.device
+    if pred.numel() == 0:  # no rows, or D = 0: zero loss, (empty) zero gradient
+        grad = torch.zeros(pred.shape, dtype=_grad_dtype(pred), device=device) if need_grad else pred.new_empty(0)
+        return torch.zeros((), dtype=torch.float32, device=device), grad
     p, y = _rows_2d(pred), _rows_2d(target)
     R = p.shape[0]
-    device = pred.device
-    grad = torch.empty(pred.shape, dtype=pred.dtype, device=device) if need_grad else pred.new_empty(0)
-    if R == 0 or D == 0:
-        if need_grad:
-            grad.zero_()
-        return torch.zeros((), dtype=torch.float32, device=device), grad
+    grad = torch.empty(pred.shape, dtype=_grad_dtype(pred), device=device) if need_grad else pred.new_empty(0)
     count = None
     factor = float(scale)
     if reduction == "mean":

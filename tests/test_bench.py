@@ -50,3 +50,19 @@ def test_vit_parameter_counts():
     count = lambda shapes: sum(torch.Size(s).numel() for s in shapes)  # noqa: E731
     assert 85e6 < count(vit_param_shapes(768, 12, 3072)) < 87e6
     assert 302e6 < count(vit_param_shapes(1024, 24, 4096)) < 305e6
+
+
+def test_jsonl_rows_are_written_as_measured(tmp_path):
+    """--jsonl appends a meta line, then one line per measured row (what bench/run_gpu.sh collects)."""
+    out = tmp_path / "rows.jsonl"
+    args = ["kernels", "--quick", "--device", "cpu", "--ops", "ema", "--case", "bf16", "--runs", "1",
+            "--jsonl", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["kind"] == "meta" and lines[0]["copy_gbps"] > 0 and lines[0]["auto"] in ("cpu", "torch")
+    rows = [r for r in lines if r["kind"] == "row"]
+    assert rows and all(r["op"] == "ema" and "bf16" in r["case"] for r in rows)
+    assert all(r["speedup_vs_foreach"] is not None for r in rows)
+    CliRunner().invoke(app, args)  # a second step appends: earlier rows are kept
+    assert len(out.read_text().splitlines()) > len(lines)

@@ -55,6 +55,15 @@ def test_pretrain_export_load_probe(run_dir, tmp_path):
     with torch.no_grad():
         want = hf(pixel_values=(images - enc.pixel_mean) / enc.pixel_std).last_hidden_state
     torch.testing.assert_close(enc(images), want, atol=1e-5, rtol=1e-4)
+    # As the README shows it: the exported image processor does resize, rescale and the run's normalization.
+    from PIL import Image
+
+    u8 = (np.random.default_rng(0).random((3, 8, 8)) * 255).astype(np.uint8)
+    processor = transformers.AutoImageProcessor.from_pretrained(out / "hf")
+    inputs = processor(images=[Image.fromarray(a, mode="L") for a in u8], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).last_hidden_state, enc(torch.from_numpy(u8)[:, None]),
+                                   atol=1e-5, rtol=1e-4)
 
     js = tmp_path / "probe.json"
     result = run("probe", out, "--data", "digits", "--json", js)
@@ -85,13 +94,13 @@ def test_dry_run_prints_resolved_config(tmp_path):
 
 def test_presets_follow_spec():
     result = run("pretrain", "--preset", "base", "--dry-run", "--image-size", "32", "--set", "model.patch_size=16")
-    cfg = json.loads(result.output)
+    cfg = json.loads(result.stdout)  # stderr may carry a memory warning: a base run does not fit this machine
     m, t = cfg["model"], cfg["targets"]
     assert (m["dim"], m["depth"], m["num_heads"], m["ln_eps"]) == (768, 12, 12, 1e-6)
     assert (t["top_k"], t["loss_beta"], t["norm"], t["final_norm"]) == (6, 2.0, "layer", "layer")
     assert cfg["mask"]["ratio"] == 0.6 and cfg["ema"]["decay"] == 0.9998 and cfg["optim"]["lr"] == 2e-3
     large = json.loads(run("pretrain", "--preset", "large", "--dry-run", "--image-size", "32",
-                           "--set", "model.patch_size=16").output)["model"]
+                           "--set", "model.patch_size=16").stdout)["model"]
     assert (large["dim"], large["depth"], large["num_heads"]) == (1024, 24, 16)
 
 

@@ -201,3 +201,141 @@ def test_opcheck_registered_ops():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.d2v.ema_update_.default,
                           ([torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)], 0.9, "torch"))
+
+
+# ---------------------------------------------------------------------------------------------- every backend
+def _cases():
+    """(backend, device) pairs: every backend that can run CPU tensors here (torch, triton under the
+    interpreter, the compiled cpu backend), and the GPU backends as `cuda`-marked cases."""
+    from d2v.ops import backends
+
+    cpu = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ("torch", "triton", "cpu")
+           if backends.status(name, "cpu")[0]]
+    gpu = [pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.cuda)
+           for name in ("torch", "triton", "cuda")]
+    return cpu + gpu
+
+
+BACKEND_CASES = _cases()
+
+
+def _skip_unavailable(backend, device):
+    from d2v.ops import backends
+
+    ok, why = backends.status(backend, device)
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+@pytest.mark.parametrize("grad_out", [65536.0, 1.0 / 65536.0])
+def test_fp16_loss_gradient_survives_loss_scaling(backend, device, grad_out):
+    """fp16 pred under a grad scaler: the gradient is scaled before it is rounded to fp16, never after.
+
+    With scale 1e-3 the unscaled gradient is ~1e-5 per element (fp16 subnormals). Stored in fp16 and then
+    multiplied by an fp16 65536 (= inf), it became inf / NaN (0 x inf on unselected rows). The result must equal
+    the float64 gradient times grad_out, rounded once to fp16.
+    """
+    _skip_unavailable(backend, device)
+    torch.manual_seed(0)
+    R, D = 64, 32
+    pred = torch.randn(R, D).half().to(device).requires_grad_()
+    target = torch.randn(R, D).half().to(device)
+    mask = (torch.rand(R) < 0.5).to(device)
+    loss = ops.masked_regression_loss(pred, target, mask, scale=1e-3, backend=backend)
+    (loss * grad_out).backward()
+    p64 = pred.detach().cpu().double().requires_grad_()
+    (ref_loss(p64, target.cpu(), mask.cpu(), 0.0, 1e-3, "mean") * grad_out).backward()
+    want = p64.grad.half()  # fp16's own rounding of the final gradient, and nothing more
+    got = pred.grad.cpu()
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), rtol=2 ** -10, atol=2 ** -24)
+    if grad_out > 1:
+        assert (got[mask.cpu()] != 0).float().mean() > 0.99  # not flushed to zero
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_empty_sizes_give_empty_results(backend, device):
+    """D = 0, T = 0, B = 0 and an empty selection: empty (or zero) results, no ZeroDivisionError."""
+    _skip_unavailable(backend, device)
+    for B, T, D in [(2, 3, 0), (2, 0, 4), (0, 3, 4)]:
+        layers = [torch.randn(B, T, D, device=device) for _ in range(2)]
+        ones = torch.ones(B, T, dtype=torch.bool, device=device)
+        zeros = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for norm, final_norm in [("layer", "layer"), ("instance", "instance"), ("none", "none")]:
+            out = ops.targets(layers, norm, final_norm, backend=backend)
+            assert out.shape == (B, T, D) and out.dtype == torch.float32
+            masked = ops.targets(layers, norm, final_norm, mask=ones, padding_mask=zeros, backend=backend)
+            assert masked.shape == (B * T, D)
+        pred = torch.randn(B, T, D, device=device, requires_grad=True)
+        loss = ops.masked_regression_loss(pred, torch.randn(B, T, D, device=device), ones, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0 and pred.grad.shape == pred.shape
+    teacher = [torch.zeros(0, device=device), torch.ones(3, device=device)]
+    student = [torch.zeros(0, device=device), torch.zeros(3, device=device)]
+    ops.ema_update_(teacher, student, 0.5, backend=backend)
+    torch.testing.assert_close(teacher[1], torch.full((3,), 0.5, device=device))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_float64_inputs_are_computed_like_fp32(backend, device):
+    _skip_unavailable(backend, device)
+    B, T, D = 2, 5, 12
+    layers = [torch.randn(B, T, D, dtype=torch.float64, device=device) for _ in range(2)]
+    mask = (torch.rand(B, T) < 0.5).to(device)
+    got = ops.targets(layers, "layer", "layer", mask=mask, backend=backend)
+    want = reference.targets_reference(layers, "layer", "layer", mask, dtype=torch.float64)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    pred = torch.randn(B, T, D, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.randn(B, T, D, dtype=torch.float64, device=device)
+    loss = ops.masked_regression_loss(pred, target, mask, beta=0.5, backend=backend)
+    loss.backward()
+    p64 = pred.detach().clone().requires_grad_()
+    ref_loss(p64, target, mask, 0.5, 1.0, "mean").backward()
+    assert pred.grad.dtype == torch.float64
+    torch.testing.assert_close(pred.grad, p64.grad, rtol=1e-5, atol=1e-6)
+    teacher = [torch.zeros(7, device=device)]
+    ops.ema_update_(teacher, [torch.ones(7, dtype=torch.float64, device=device)], 0.75, backend=backend)
+    torch.testing.assert_close(teacher[0], torch.full((7,), 0.25, device=device))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_fake_gradient_matches_the_kernel_for_strided_fp16_pred(backend, device):
+    """The meta (fake) kernel promises the gradient layout and dtype the real kernel returns (torch.compile)."""
+    _skip_unavailable(backend, device)
+    pred = torch.randn(7, 3, 5, device=device).half().transpose(0, 1).requires_grad_()  # (3, 7, 5), strided
+    target = torch.randn(3, 7, 5, device=device)
+    mask = (torch.rand(3, 7) < 0.5).to(device)
+    torch.library.opcheck(torch.ops.d2v.masked_regression_loss.default,
+                          (pred, target, mask, 0.5, 1.0, "mean", True, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_tensors_on_another_device_are_refused():
+    """A mask (or target, student) on another device than the data: one clear error, never a raw pointer."""
+    layers = [torch.randn(2, 3, 4)]
+    meta_mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="mask is on meta but the data is on cpu"):
+        ops.targets(layers, mask=meta_mask)
+    with pytest.raises(ValueError, match="padding_mask is on meta"):
+        ops.targets(layers, "instance", padding_mask=meta_mask)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        ops.masked_regression_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), meta_mask)
+    with pytest.raises(ValueError, match="target is on meta"):
+        ops.masked_regression_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4, device="meta"))
+    with pytest.raises(ValueError, match="student tensor is on meta"):
+        ops.ema_update_([torch.zeros(3)], [torch.zeros(3, device="meta")], 0.9)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backend_loss_gradient_is_never_stored_in_fp16(backend, device, dtype):
+    """Each backend's own gradient: fp32, or bf16 for bf16 pred (fp32's exponent range, half the traffic)."""
+    _skip_unavailable(backend, device)
+    from d2v.ops import backends
+
+    impl = backends.module(backend)
+    pred = torch.randn(4, 8, device=device).to(dtype)
+    _, grad = impl.masked_regression_loss(pred, torch.randn(4, 8, device=device), None, 0.0, 1.0, "mean", True)
+    assert grad.dtype == ops.grad_dtype(dtype) != torch.float16 and grad.is_contiguous()

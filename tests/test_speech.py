@@ -223,6 +223,8 @@ def test_pretrain_loss_falls_resume_and_export(audio_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
     runner = CliRunner()
+    res = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "run"), "--resume"])  # no --modality needed
+    assert res.exit_code == 0 and "is complete" in res.output, res.output
     res = runner.invoke(app, ["export", "checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
     assert res.exit_code == 0, res.output
     enc = load_encoder(tmp_path / "exp")

@@ -249,6 +249,8 @@ def test_cli_pretrain_export_load_hf_and_probe(tmp_path, fake_fortunes):
                  *tiny_cli_args())
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["data"]["vocab_size"] == 300
+    resumed = cli("pretrain", "--out", run, "--resume")  # no --modality: the run's own
+    assert resumed.exit_code == 0 and "is complete" in resumed.output, resumed.output
     out = tmp_path / "enc"
     assert cli("export", "checkpoint", run, "--out", out).exit_code == 0
     enc = d2v.load_encoder(out)
@@ -261,7 +263,10 @@ def test_cli_pretrain_export_load_hf_and_probe(tmp_path, fake_fortunes):
     torch.testing.assert_close(enc(ids)[0], hidden)  # pre-tokenized ids give the same states
 
     transformers = pytest.importorskip("transformers")
-    hf = transformers.Data2VecTextModel.from_pretrained(out / "hf").eval()
+    hf, info = transformers.Data2VecTextModel.from_pretrained(out / "hf", add_pooling_layer=False,
+                                                              output_loading_info=True)
+    hf = hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # as the README loads it: no pooler
     tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
     batch = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")  # as the encoder cuts
     assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], attention)

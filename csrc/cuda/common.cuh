@@ -25,25 +25,49 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// VEC elements of T loaded or stored as one access (16 bytes for VEC = 16 / sizeof(T)).
+// VEC elements of T loaded or stored as one access of sizeof(T) * VEC bytes.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_float(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+// N elements of T at p, converted to float. When N * sizeof(T) is a multiple of 16 the row is read in 16-byte
+// pieces (LDG.E.128; p must be 16-byte aligned), e.g. 8 fp32 targets beside 8 bf16 predictions; otherwise as
+// one access of N * sizeof(T) bytes (p aligned to that).
+template <typename T, int N>
+__device__ __forceinline__ void load_float(const T* p, float (&out)[N]) {
+  constexpr int kPiece = 16 / static_cast<int>(sizeof(T));
+  if constexpr (N % kPiece == 0) {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) out[v] = to_float(pack.v[v]);
+    for (int c = 0; c < N / kPiece; ++c) {
+      const Pack<T, kPiece> pack = reinterpret_cast<const Pack<T, kPiece>*>(p)[c];
+#pragma unroll
+      for (int v = 0; v < kPiece; ++v) out[c * kPiece + v] = to_float(pack.v[v]);
+    }
+  } else {
+    const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+    for (int v = 0; v < N; ++v) out[v] = to_float(pack.v[v]);
+  }
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void store_float(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pack;
+template <typename T, int N>
+__device__ __forceinline__ void store_float(T* p, const float (&in)[N]) {
+  constexpr int kPiece = 16 / static_cast<int>(sizeof(T));
+  if constexpr (N % kPiece == 0) {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) pack.v[v] = from_float<T>(in[v]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+    for (int c = 0; c < N / kPiece; ++c) {
+      Pack<T, kPiece> pack;
+#pragma unroll
+      for (int v = 0; v < kPiece; ++v) pack.v[v] = from_float<T>(in[c * kPiece + v]);
+      reinterpret_cast<Pack<T, kPiece>*>(p)[c] = pack;
+    }
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int v = 0; v < N; ++v) pack.v[v] = from_float<T>(in[v]);
+    *reinterpret_cast<Pack<T, N>*>(p) = pack;
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

@@ -1,16 +1,22 @@
-// CUDA kernel of `ema_update_`: one launch over a table of chunks covering every (teacher, student) pair.
+// CUDA kernel of `ema_update_`: one launch over a table of chunks covering every (teacher, student) pair. The
+// table lives on the device and is built once per parameter set by the caller (ops_cuda.cpp caches it).
 #include "common.cuh"
 
 namespace d2v::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;  // fp32 teacher: 16-byte accesses
 
-template <typename S>
+// kVec = 16 / sizeof(S) elements per access: one 16-byte student load (8 bf16/fp16 or 4 fp32) and one or two
+// 16-byte teacher loads and stores.
+template <typename S, int kVec = 16 / static_cast<int>(sizeof(S))>
 __device__ void lerp_chunk(float* __restrict__ t, const S* __restrict__ s, int64_t n, float w) {
+  // The pointers come from a table in device memory, so the compiler cannot tell their address space and
+  // would emit generic LD/ST.E.128; they are global memory, and saying so gives LDG/STG.E.128.
+  __builtin_assume(__isGlobal(t));
+  __builtin_assume(__isGlobal(s));
   // Vector path: chunk starts are multiples of kEmaChunk, so a 16-byte aligned tensor stays aligned.
-  const bool vec = aligned(t, 16) && aligned(s, kVec * sizeof(S));
+  const bool vec = aligned(t, 16) && aligned(s, 16);
   int64_t i = static_cast<int64_t>(threadIdx.x) * kVec;
   if (vec) {
     for (; i + kVec <= n; i += kThreads * kVec) {

@@ -1,8 +1,13 @@
 // ATen glue of the CUDA kernels: checks and converts tensors, allocates outputs and workspaces, and calls the
 // raw-pointer launchers of launch.h on the current stream. Compiled only against a CUDA build of torch.
 #include <cstring>
+#include <list>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -51,8 +56,18 @@ at::Tensor targets_cuda(at::TensorList layers, const std::string& norm_name, con
     if (l.scalar_type() != dtype) dtype = at::kFloat;
   }
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) dtype = at::kFloat;
+  // Strided views (the objective passes layer[:, 1:]) are read in place when the layers share (stride_b,
+  // stride_t, 1); only a different dtype or layout makes a copy.
   std::vector<at::Tensor> xs;
-  for (const auto& l : layers) xs.push_back(l.to(dtype).contiguous());
+  bool same_strides = true;
+  for (const auto& l : layers) {
+    xs.push_back(l.scalar_type() == dtype ? l : l.to(dtype));
+    same_strides = same_strides && xs.back().strides() == xs[0].strides() && xs.back().stride(2) == 1;
+  }
+  if (!same_strides) {
+    for (auto& x : xs) x = x.contiguous();
+  }
+  const int64_t stride_b = xs[0].stride(0), stride_t = xs[0].stride(1);
   at::Tensor pad;
   if (padding_mask.has_value()) pad = padding_mask->to(first.device(), at::kBool).contiguous();
   const bool* pad_ptr = pad.defined() ? pad.data_ptr<bool>() : nullptr;
@@ -68,45 +83,102 @@ at::Tensor targets_cuda(at::TensorList layers, const std::string& norm_name, con
   }
   const int64_t* out_row = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   const auto f32 = first.options().dtype(at::kFloat);
+  if (B * T == 0 || D == 0 || N == 0) {
+    return mask.has_value() ? at::zeros({N, D}, f32) : at::zeros({B, T, D}, f32);
+  }
   at::Tensor out = mask.has_value() ? at::empty({N, D}, f32) : at::empty({B, T, D}, f32);
-  if (B * T == 0 || D == 0 || N == 0) return out;
 
+  // A final instance norm needs the whole average before its statistics: kept apart from `out` when masked.
   const bool need_full = final_norm == Norm::Instance && mask.has_value();
   at::Tensor full = need_full ? at::empty({B, T, D}, f32) : out;
   const int64_t* dest_row = need_full ? nullptr : out_row;
   const float e = static_cast<float>(eps);
-  at::Tensor stats;
-  if (norm == Norm::Instance) {
-    stats = at::empty({2, K, B, D}, f32);
-    for (int64_t k = 0; k < K; ++k) {
-      check(cuda::instance_stats(xs[k].data_ptr(), dtype_of(dtype), pad_ptr, B, T, D, e,
-                                 stats[0][k].data_ptr<float>(), stats[1][k].data_ptr<float>(), stream));
-    }
-  }
+  // (2, K, B, D): scale and shift of every layer (instance norm), filled by one launch per table of layers.
+  at::Tensor stats = norm == Norm::Instance ? at::empty({2, K, B, D}, f32) : at::Tensor();
   for (int64_t k0 = 0; k0 < K; k0 += cuda::kMaxLayersPerLaunch) {
     cuda::LayerTable table{};
     table.count = static_cast<int>(std::min<int64_t>(cuda::kMaxLayersPerLaunch, K - k0));
     for (int j = 0; j < table.count; ++j) {
       table.ptr[j] = xs[k0 + j].data_ptr();
       if (norm == Norm::Instance) {
-        table.mean[j] = stats[0][k0 + j].data_ptr<float>();
-        table.rstd[j] = stats[1][k0 + j].data_ptr<float>();
+        table.scale[j] = stats[0][k0 + j].data_ptr<float>();
+        table.shift[j] = stats[1][k0 + j].data_ptr<float>();
       }
     }
+    if (norm == Norm::Instance) {
+      check(cuda::instance_stats(table, dtype_of(dtype), pad_ptr, B, T, D, stride_b, stride_t, e, stream));
+    }
     const bool last = k0 + table.count == K;
-    check(cuda::targets_rows(table, dtype_of(dtype), kind_of(norm), B, T, D, e, dest_row, full.data_ptr<float>(),
-                             /*accumulate=*/k0 > 0, /*finalize=*/last, 1.f / static_cast<float>(K),
-                             /*final_layer=*/final_norm == Norm::Layer, stream));
+    check(cuda::targets_rows(table, dtype_of(dtype), kind_of(norm), B, T, D, stride_b, stride_t, e, dest_row,
+                             full.data_ptr<float>(), /*accumulate=*/k0 > 0, /*finalize=*/last,
+                             1.f / static_cast<float>(K), /*final_layer=*/final_norm == Norm::Layer, stream));
   }
   if (final_norm == Norm::Instance) {
+    // Statistics of the fp32 average, then the row kernel with that one "layer" applies them into the output.
     at::Tensor final_stats = at::empty({2, B, D}, f32);
-    check(cuda::instance_stats(full.data_ptr(), cuda::DType::F32, pad_ptr, B, T, D, e,
-                               final_stats[0].data_ptr<float>(), final_stats[1].data_ptr<float>(), stream));
-    check(cuda::instance_apply(full.data_ptr<float>(), final_stats[0].data_ptr<float>(),
-                               final_stats[1].data_ptr<float>(), B, T, D, out_row, out.data_ptr<float>(), stream));
+    cuda::LayerTable table{};
+    table.count = 1;
+    table.ptr[0] = full.data_ptr();
+    table.scale[0] = final_stats[0].data_ptr<float>();
+    table.shift[0] = final_stats[1].data_ptr<float>();
+    check(cuda::instance_stats(table, cuda::DType::F32, pad_ptr, B, T, D, T * D, D, e, stream));
+    check(cuda::targets_rows(table, cuda::DType::F32, cuda::NormKind::Instance, B, T, D, T * D, D, e, out_row,
+                             out.data_ptr<float>(), /*accumulate=*/false, /*finalize=*/true, 1.f,
+                             /*final_layer=*/false, stream));
   }
   return out;
 }
+
+namespace {
+
+// Device copies of the EMA tensor and chunk tables, keyed by every pointer, size and dtype of the parameter
+// set: a training loop builds them on its first step and then launches with no host-to-device copy at all
+// (also what a captured CUDA graph needs: its launches refer to this persistent buffer, never to a recycled
+// pinned staging buffer).
+struct EmaTables {
+  at::Tensor buffer;  // tensors then chunks, on the device
+  size_t tensors_bytes = 0;
+  int64_t num_chunks = 0;
+};
+
+using EmaCache = std::list<std::pair<std::vector<int64_t>, EmaTables>>;  // most recent first
+constexpr size_t kEmaCacheEntries = 8;
+std::mutex ema_cache_mutex;
+// Never destroyed: its device tensors must not be freed after the CUDA allocator at interpreter exit.
+EmaCache& ema_cache = *new EmaCache();
+
+EmaTables ema_tables(const std::vector<cuda::EmaTensor>& tensors, const at::Device& device) {
+  std::vector<int64_t> key{device.index()};
+  for (const auto& t : tensors) {
+    key.insert(key.end(), {reinterpret_cast<int64_t>(t.teacher), reinterpret_cast<int64_t>(t.student), t.numel,
+                           static_cast<int64_t>(t.student_dtype)});
+  }
+  const std::lock_guard<std::mutex> lock(ema_cache_mutex);
+  for (auto it = ema_cache.begin(); it != ema_cache.end(); ++it) {
+    if (it->first == key) {
+      ema_cache.splice(ema_cache.begin(), ema_cache, it);
+      return it->second;
+    }
+  }
+  std::vector<cuda::EmaChunk> chunks;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    for (int64_t b = 0; b < tensors[i].numel; b += cuda::kEmaChunk) chunks.push_back({static_cast<int64_t>(i), b});
+  }
+  EmaTables entry;
+  entry.tensors_bytes = tensors.size() * sizeof(cuda::EmaTensor);
+  entry.num_chunks = static_cast<int64_t>(chunks.size());
+  const size_t cbytes = chunks.size() * sizeof(cuda::EmaChunk);
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(entry.tensors_bytes + cbytes)}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(host.data_ptr(), tensors.data(), entry.tensors_bytes);
+  std::memcpy(static_cast<char*>(host.data_ptr()) + entry.tensors_bytes, chunks.data(), cbytes);
+  entry.buffer = host.to(device);  // once per parameter set: a synchronous copy is fine here
+  ema_cache.emplace_front(std::move(key), entry);
+  if (ema_cache.size() > kEmaCacheEntries) ema_cache.pop_back();
+  return entry;
+}
+
+}  // namespace
 
 void ema_update_cuda(at::TensorList teacher, at::TensorList student, double decay) {
   TORCH_CHECK(teacher.size() == student.size(), "d2v: ema_update_ needs as many student as teacher tensors");
@@ -116,7 +188,6 @@ void ema_update_cuda(at::TensorList teacher, at::TensorList student, double deca
   const size_t n = teacher.size();
   std::vector<at::Tensor> t(n), s(n);
   std::vector<cuda::EmaTensor> tensors;
-  std::vector<cuda::EmaChunk> chunks;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(teacher[i].scalar_type() == at::kFloat, "d2v: ema_update_ teacher tensors must be float32");
     TORCH_CHECK(teacher[i].sizes() == student[i].sizes(), "d2v: ema_update_ teacher/student shapes differ");
@@ -126,23 +197,13 @@ void ema_update_cuda(at::TensorList teacher, at::TensorList student, double deca
     s[i] = as_supported(student[i]);
     if (t[i].numel() == 0) continue;
     tensors.push_back({t[i].data_ptr<float>(), s[i].data_ptr(), t[i].numel(), dtype_of(s[i].scalar_type())});
-    for (int64_t b = 0; b < t[i].numel(); b += cuda::kEmaChunk) {
-      chunks.push_back({static_cast<int64_t>(tensors.size() - 1), b});
-    }
   }
-  if (!chunks.empty()) {
-    // Both tables in one pinned buffer and one asynchronous copy; the caching host allocator keeps the buffer
-    // alive until the copy has run.
-    const size_t tbytes = tensors.size() * sizeof(cuda::EmaTensor), cbytes = chunks.size() * sizeof(cuda::EmaChunk);
-    at::Tensor host = at::empty({static_cast<int64_t>(tbytes + cbytes)},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), tensors.data(), tbytes);
-    std::memcpy(static_cast<char*>(host.data_ptr()) + tbytes, chunks.data(), cbytes);
-    at::Tensor dev = host.to(teacher[0].device(), /*non_blocking=*/true);
-    const auto* base = static_cast<const char*>(dev.data_ptr());
+  if (!tensors.empty()) {
+    const EmaTables tables = ema_tables(tensors, teacher[0].device());
+    const auto* base = static_cast<const char*>(tables.buffer.data_ptr());
     check(cuda::ema_update(reinterpret_cast<const cuda::EmaTensor*>(base),
-                           reinterpret_cast<const cuda::EmaChunk*>(base + tbytes),
-                           static_cast<int64_t>(chunks.size()), static_cast<float>(1.0 - decay), stream));
+                           reinterpret_cast<const cuda::EmaChunk*>(base + tables.tensors_bytes), tables.num_chunks,
+                           static_cast<float>(1.0 - decay), stream));
   }
   for (size_t i = 0; i < n; ++i) {
     if (!t[i].is_same(teacher[i])) teacher[i].copy_(t[i]);
@@ -159,15 +220,19 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
-  const int64_t D = pred.size(-1), R = D == 0 ? 0 : pred.numel() / D;
+  // R rows of D; with D = 0 still the product of the leading sizes (the mask has that many entries).
+  const int64_t D = pred.size(-1), R = c10::multiply_integers(pred.sizes().slice(0, pred.dim() - 1));
   at::Tensor mask;
   if (mask_in.has_value()) {
     TORCH_CHECK(mask_in->numel() == R, "d2v: mask must have pred.shape[:-1]");
     mask = mask_in->to(pred.device(), at::kBool).contiguous();
   }
   at::Tensor loss = at::zeros({}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred_in.options());
-  if (R > 0) {
+  // fp32 gradient (bf16 for bf16 pred): the autograd wrapper scales it by the incoming gradient before rounding
+  // to pred's dtype.
+  const auto gd = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options().dtype(gd)) : at::empty({0}, pred_in.options());
+  if (R > 0 && D > 0) {
     at::Tensor partials = at::empty({cuda::regression_loss_blocks(R)}, pred.options().dtype(at::kFloat));
     at::Tensor counters = at::zeros({2}, pred.options().dtype(at::kLong));
     check(cuda::regression_loss(pred.data_ptr(), dtype_of(pred.scalar_type()), target.data_ptr(),
@@ -179,7 +244,6 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
   } else if (need_grad) {
     grad.zero_();
   }
-  if (need_grad && grad.scalar_type() != pred_in.scalar_type()) grad = grad.to(pred_in.scalar_type());
   return {loss, grad};
 }
 

@@ -1,5 +1,7 @@
 // CUDA kernels of `masked_regression_loss`: a mask count on the device, then one kernel computing the loss and
 // d(loss)/d(pred) together, whose last block to finish adds the block partials in a fixed order.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace d2v::cuda {
@@ -7,7 +9,20 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each (grid-stride)
 constexpr int kThreads = kRowsPerBlock * kWarp;
-constexpr int kMaxBlocks = 1024;
+constexpr int kMaxResidentThreads = 2048;  // per SM, sm_80 / sm_90: bounds the blocks an occupancy grid can have
+
+// Streaming multiprocessors of the current device (cached per device).
+int sm_count() {
+  static int counts[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (counts[dev] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    counts[dev] = n > 0 ? n : 132;
+  }
+  return counts[dev];
+}
 
 __global__ void count_mask_kernel(const bool* __restrict__ mask, int64_t R, unsigned long long* count) {
   unsigned long long local = 0;
@@ -19,6 +34,11 @@ __global__ void count_mask_kernel(const bool* __restrict__ mask, int64_t R, unsi
   if (threadIdx.x % kWarp == 0 && local != 0) atomicAdd(count, local);
 }
 
+// The gradient's storage type: fp32, or bf16 for bf16 pred (fp32's exponent range); never fp16, which cannot hold
+// the unscaled gradient nor a grad scaler's factor.
+template <typename P>
+using GradType = std::conditional_t<std::is_same_v<P, __nv_bfloat16>, __nv_bfloat16, float>;
+
 struct LossArgs {
   const void* pred;
   const void* target;
@@ -26,7 +46,7 @@ struct LossArgs {
   int64_t R, D;
   float beta, scale;
   bool mean;
-  void* grad;
+  void* grad;  // GradType<P>
   float* loss;
   float* partials;
   unsigned long long* counters;  // [0] selected rows (when mask), [1] blocks done
@@ -39,7 +59,8 @@ __global__ void regression_loss_kernel(const LossArgs a) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const P* pred = static_cast<const P*>(a.pred);
   const Q* target = static_cast<const Q*>(a.target);
-  P* grad = static_cast<P*>(a.grad);
+  using G = GradType<P>;
+  G* grad = static_cast<G*>(a.grad);
   const float count = a.mask == nullptr ? static_cast<float>(a.R) : static_cast<float>(a.counters[0]);
   const float factor = a.mean ? a.scale / fmaxf(count, 1.f) : a.scale;
   const float half_over_beta = a.beta > 0.f ? 0.5f / a.beta : 0.f, inv_beta = a.beta > 0.f ? 1.f / a.beta : 0.f;
@@ -72,7 +93,7 @@ __global__ void regression_loss_kernel(const LossArgs a) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) g[j] = 0.f;
       }
-      if (grad != nullptr) store_float<P, VEC>(grad + off, g);
+      if (grad != nullptr) store_float<G, VEC>(grad + off, g);
     }
   }
   sum = warp_sum(sum);
@@ -97,22 +118,41 @@ __global__ void regression_loss_kernel(const LossArgs a) {
   }
 }
 
+template <typename P, typename Q, int VEC>
+void launch_loss_vec(const LossArgs& a, int max_blocks, cudaStream_t stream) {
+  // Grid sized by occupancy: as many blocks as can be resident at once (a grid-stride loop covers the rest),
+  // never more than there are rows for, nor than the partials workspace holds.
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, regression_loss_kernel<P, Q, VEC>, kThreads, 0) !=
+          cudaSuccess ||
+      per_sm <= 0) {
+    per_sm = 1;
+  }
+  const int64_t want = std::min<int64_t>((a.R + kRowsPerBlock - 1) / kRowsPerBlock,
+                                         static_cast<int64_t>(per_sm) * sm_count());
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, max_blocks)));
+  regression_loss_kernel<P, Q, VEC><<<blocks, kThreads, 0, stream>>>(a);
+}
+
 template <typename P, typename Q>
-void launch_loss(const LossArgs& a, int blocks, cudaStream_t stream) {
-  constexpr int kVec = 4;
-  const bool vec = a.D % kVec == 0 && aligned(a.pred, kVec * sizeof(P)) && aligned(a.target, kVec * sizeof(Q)) &&
-                   (a.grad == nullptr || aligned(a.grad, kVec * sizeof(P)));
+void launch_loss(const LossArgs& a, int max_blocks, cudaStream_t stream) {
+  // 16-byte packs of pred: 8 bf16/fp16 or 4 fp32 elements per access (an fp32 target or gradient of 8
+  // elements takes two 16-byte accesses).
+  constexpr int kVec = 16 / sizeof(P);
+  const bool vec = a.D % kVec == 0 && aligned(a.pred, 16) && aligned(a.target, 16) &&
+                   (a.grad == nullptr || aligned(a.grad, 16)) && (a.D * sizeof(Q)) % 16 == 0;
   if (vec) {
-    regression_loss_kernel<P, Q, kVec><<<blocks, kThreads, 0, stream>>>(a);
+    launch_loss_vec<P, Q, kVec>(a, max_blocks, stream);
   } else {
-    regression_loss_kernel<P, Q, 1><<<blocks, kThreads, 0, stream>>>(a);
+    launch_loss_vec<P, Q, 1>(a, max_blocks, stream);
   }
 }
 
 }  // namespace
 
 int regression_loss_blocks(int64_t R) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((R + kRowsPerBlock - 1) / kRowsPerBlock, kMaxBlocks)));
+  const int64_t resident = static_cast<int64_t>(sm_count()) * (kMaxResidentThreads / kThreads);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((R + kRowsPerBlock - 1) / kRowsPerBlock, resident)));
 }
 
 cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* target, DType target_dtype,
@@ -123,9 +163,9 @@ cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* targ
     count_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(mask, R, counters);
   }
   const LossArgs args{pred, target, mask, R, D, beta, scale, mean, grad, loss, partials, counters};
-  const int blocks = regression_loss_blocks(R);
+  const int max_blocks = regression_loss_blocks(R);
   dispatch(pred_dtype, [&](auto p) {
-    dispatch(target_dtype, [&](auto q) { launch_loss<decltype(p), decltype(q)>(args, blocks, stream); });
+    dispatch(target_dtype, [&](auto q) { launch_loss<decltype(p), decltype(q)>(args, max_blocks, stream); });
   });
   return cudaGetLastError();
 }

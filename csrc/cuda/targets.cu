@@ -1,65 +1,217 @@
-// CUDA kernels of `targets`: instance-norm statistics by column blocks, and a row kernel (one warp per row,
-// several rows per block) that normalizes, sums and finalizes the K layers straight into the output rows.
+// CUDA kernels of `targets`:
+//   instance_stats_kernel      tiled per-channel statistics of every layer of a table in one launch: 16-byte
+//                              loads along D, a Welford pass per thread over its steps, a Chan merge of the
+//                              threads; writes scale = rstd and shift = -mean * rstd.
+//   targets_rows_reg_kernel    one warp per row, the row accumulated in registers over the K layers (layer k+1
+//                              is loaded before layer k is reduced) and written once; D <= 1024.
+//   targets_rows_global_kernel rows longer than 1024: accumulated in the output row in memory, as many passes.
+// Layers are read through (stride_b, stride_t, 1), so views such as layer[:, 1:] need no copy.
 #include "common.cuh"
 
 namespace d2v::cuda {
 namespace {
 
 constexpr int kRowsPerBlock = 8;  // warps per block of the row kernels
-constexpr int kStatCols = 32;     // channels per block of the statistics kernel (one warp wide)
-constexpr int kStatRows = 8;      // steps walked in parallel by that block
+constexpr int kStatRows = 16;     // steps walked in parallel by a block of the statistics kernel
+constexpr int kMaxPerLane = 32;   // floats of a row one lane holds in registers (D <= 32 * 32)
 
-// Grid (ceil(D / 32), B), block (32, 8): thread (c, s) sums channel c over steps s, s + 8, ...
-template <typename T>
-__global__ void instance_stats_kernel(const T* __restrict__ x,  // (B, T, D)
-                                      const bool* __restrict__ pad,  // (B, T) or null
-                                      int64_t T_, int64_t D, float eps,
-                                      float* __restrict__ mean, float* __restrict__ rstd) {  // (B, D)
-  __shared__ float part[kStatRows][kStatCols];
-  __shared__ float count_part[kStatRows];
-  __shared__ float stat[kStatCols];
+// ------------------------------------------------------------------------------------------------ statistics
+// Grid (ceil(D / (32 * VEC)), B, layers), block (32, kStatRows): thread (x, y) owns channels
+// [c0, c0 + VEC) of one (b, layer) and steps y, y + kStatRows, ...
+template <typename T, int VEC>
+__global__ void __launch_bounds__(32 * kStatRows)
+    instance_stats_kernel(const LayerTable table, const bool* __restrict__ pad, int64_t T_, int64_t D, int64_t stride_b,
+                          int64_t stride_t, float eps) {
+  __shared__ float s_n[kStatRows];
+  __shared__ float s_mean[kStatRows][32 * VEC];
+  __shared__ float s_m2[kStatRows][32 * VEC];
   const int64_t b = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kStatCols + threadIdx.x;
-  const bool active = c < D;
-  const T* xb = x + b * T_ * D;
+  const int layer = blockIdx.z;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * VEC;
+  const bool full = c0 + VEC <= D;  // the whole VEC-wide slice is in the row (VEC > 1 is used only if D % VEC == 0)
+  const T* x = static_cast<const T*>(table.ptr[layer]) + b * stride_b + c0;
   const bool* pb = pad == nullptr ? nullptr : pad + b * T_;
 
-  float sum = 0.f, count = 0.f;
+  // Welford over this thread's steps: one reciprocal per step, shared by its VEC channels.
+  float n = 0.f, mean[VEC], m2[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) mean[j] = m2[j] = 0.f;
   for (int64_t t = threadIdx.y; t < T_; t += kStatRows) {
     if (pb != nullptr && pb[t]) continue;
-    count += 1.f;
-    if (active) sum += to_float(xb[t * D + c]);
+    n += 1.f;
+    if (!full) continue;  // count the step anyway: every thread of a row contributes the same count
+    float v[VEC];
+    load_float<T, VEC>(x + t * stride_t, v);
+    const float inv = 1.f / n;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = v[j] - mean[j];
+      mean[j] += d * inv;
+      m2[j] += d * (v[j] - mean[j]);
+    }
   }
-  part[threadIdx.y][threadIdx.x] = sum;
-  if (threadIdx.x == 0) count_part[threadIdx.y] = count;
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    float s = 0.f, n = 0.f;
-    for (int i = 0; i < kStatRows; ++i) s += part[i][threadIdx.x], n += count_part[i];
-    stat[threadIdx.x] = s / fmaxf(n, 1.f);
+  if (threadIdx.x == 0) s_n[threadIdx.y] = n;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    s_mean[threadIdx.y][threadIdx.x * VEC + j] = mean[j];
+    s_m2[threadIdx.y][threadIdx.x * VEC + j] = m2[j];
   }
   __syncthreads();
-  const float m = stat[threadIdx.x];
-  float sq = 0.f;
-  for (int64_t t = threadIdx.y; t < T_; t += kStatRows) {
-    if ((pb != nullptr && pb[t]) || !active) continue;
-    const float d = to_float(xb[t * D + c]) - m;
-    sq += d * d;
-  }
-  __syncthreads();
-  part[threadIdx.y][threadIdx.x] = sq;
-  __syncthreads();
-  if (threadIdx.y == 0 && active) {
-    float s = 0.f, n = 0.f;
-    for (int i = 0; i < kStatRows; ++i) s += part[i][threadIdx.x], n += count_part[i];
-    mean[b * D + c] = m;
-    rstd[b * D + c] = rsqrtf(s / fmaxf(n, 1.f) + eps);
+  // Chan merge of the kStatRows partial (n, mean, M2), in a fixed order: each thread of row 0 merges its channels.
+  if (threadIdx.y != 0 || !full) return;
+  float* scale = table.scale[layer] + b * D + c0;
+  float* shift = table.shift[layer] + b * D + c0;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    float na = s_n[0], ma = s_mean[0][threadIdx.x * VEC + j], qa = s_m2[0][threadIdx.x * VEC + j];
+    for (int i = 1; i < kStatRows; ++i) {
+      const float nb = s_n[i];
+      if (nb == 0.f) continue;
+      const float mb = s_mean[i][threadIdx.x * VEC + j], qb = s_m2[i][threadIdx.x * VEC + j];
+      const float nn = na + nb, delta = mb - ma, frac = nb / nn;
+      ma += delta * frac;
+      qa += qb + delta * delta * na * frac;
+      na = nn;
+    }
+    const float rstd = rsqrtf(qa / fmaxf(na, 1.f) + eps);
+    scale[j] = rstd;
+    shift[j] = -ma * rstd;
   }
 }
 
-// Mean and rstd of one row of n elements read by a warp, two-pass.
+// ------------------------------------------------------------------------------------------------ rows
+struct RowsArgs {
+  LayerTable layers;
+  NormKind norm;
+  int64_t rows, T, D, stride_b, stride_t;
+  float eps, inv_k;
+  const int64_t* dest_row;
+  float* dest;
+  bool accumulate, finalize, final_layer;
+};
+
+// Lane `lane` owns elements (c * 32 + lane) * VEC + j, c < CHUNKS, j < VEC, of a row: contiguous VEC-wide
+// slices, so each is one 16-byte access when VEC * sizeof(T) == 16. VEC divides D (the launcher's condition),
+// so a slice is either wholly inside the row or wholly past its end (then zeros).
+template <typename T, int VEC, int CHUNKS>
+__device__ __forceinline__ void load_row(const T* x, int64_t D, int lane, float (&v)[CHUNKS * VEC]) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t i = (static_cast<int64_t>(c) * kWarp + lane) * VEC;
+    float piece[VEC];
+    if (i < D) {
+      load_float<T, VEC>(x + i, piece);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) piece[j] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[c * VEC + j] = piece[j];
+  }
+}
+
+// Mean and rstd of a row held in registers: two passes over registers, exact; slices past D are ignored
+// (they may hold anything: (0 - mean) * rstd after a normalization).
+template <int VEC, int CHUNKS>
+__device__ __forceinline__ void reg_row_stats(const float (&v)[CHUNKS * VEC], int64_t D, int lane, float eps,
+                                              float& mean, float& rstd) {
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const bool in_row = (static_cast<int64_t>(c) * kWarp + lane) * VEC < D;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s += in_row ? v[c * VEC + j] : 0.f;
+  }
+  mean = warp_sum(s) / static_cast<float>(D);
+  float sq = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const bool in_row = (static_cast<int64_t>(c) * kWarp + lane) * VEC < D;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = in_row ? v[c * VEC + j] - mean : 0.f;
+      sq += d * d;
+    }
+  }
+  rstd = rsqrtf(warp_sum(sq) / static_cast<float>(D) + eps);
+}
+
+template <typename T, int VEC, int CHUNKS>
+__global__ void targets_rows_reg_kernel(const RowsArgs a) {
+  constexpr int N = CHUNKS * VEC;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= a.rows) return;
+  const int64_t o = a.dest_row == nullptr ? r : a.dest_row[r];
+  if (o < 0) return;
+  const int64_t b = r / a.T, t = r - b * a.T, D = a.D;  // one division per row
+  const int64_t in_off = b * a.stride_b + t * a.stride_t;
+  float* out = a.dest + o * D;
+
+  float acc[N];
+  if (a.accumulate) {
+    load_row<float, VEC, CHUNKS>(out, D, lane, acc);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+  }
+  float cur[N];
+  load_row<T, VEC, CHUNKS>(static_cast<const T*>(a.layers.ptr[0]) + in_off, D, lane, cur);
+  for (int k = 0; k < a.layers.count; ++k) {
+    float nxt[N];
+    if (k + 1 < a.layers.count) {  // prefetch the next layer before this one's reductions
+      load_row<T, VEC, CHUNKS>(static_cast<const T*>(a.layers.ptr[k + 1]) + in_off, D, lane, nxt);
+    }
+    if (a.norm == NormKind::Layer) {
+      float mean, rstd;
+      reg_row_stats<VEC, CHUNKS>(cur, D, lane, a.eps, mean, rstd);
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc[e] += (cur[e] - mean) * rstd;
+    } else if (a.norm == NormKind::Instance) {
+      // scale/shift of (b, layer) one slice at a time: holding the whole row of both would spill.
+      const float* scale = a.layers.scale[k] + b * D;
+      const float* shift = a.layers.shift[k] + b * D;
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t i = (static_cast<int64_t>(c) * kWarp + lane) * VEC;
+        if (i >= D) continue;
+        float sc[VEC], sh[VEC];
+        load_float<float, VEC>(scale + i, sc);
+        load_float<float, VEC>(shift + i, sh);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[c * VEC + j] += cur[c * VEC + j] * sc[j] + sh[j];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc[e] += cur[e];
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) cur[e] = nxt[e];
+  }
+  if (a.finalize) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] *= a.inv_k;
+    if (a.final_layer) {
+      float mean, rstd;
+      reg_row_stats<VEC, CHUNKS>(acc, D, lane, a.eps, mean, rstd);
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc[e] = (acc[e] - mean) * rstd;
+    }
+  }
+  // The single write of the row: fp32 in 16-byte pieces.
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t i = (static_cast<int64_t>(c) * kWarp + lane) * VEC;
+    float piece[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) piece[j] = acc[c * VEC + j];
+    if (i < D) store_float<float, VEC>(out + i, piece);
+  }
+}
+
+// Mean and rstd of one row of n elements read from memory by a warp, two-pass.
 template <typename T, int VEC>
-__device__ void row_stats(const T* x, int64_t n, int lane, float eps, float& mean, float& rstd) {
+__device__ void mem_row_stats(const T* x, int64_t n, int lane, float eps, float& mean, float& rstd) {
   float s = 0.f;
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < n; i += kWarp * VEC) {
     float v[VEC];
@@ -78,33 +230,23 @@ __device__ void row_stats(const T* x, int64_t n, int lane, float eps, float& mea
   rstd = rsqrtf(warp_sum(sq) / static_cast<float>(n) + eps);
 }
 
-struct RowsArgs {
-  LayerTable layers;
-  NormKind norm;
-  int64_t rows, T, D;
-  float eps, inv_k;
-  const int64_t* dest_row;
-  float* dest;
-  bool accumulate, finalize, final_layer;
-};
-
-// One warp per row; each lane owns the same VEC-wide slices of the row in every pass, so the accumulation in
-// `dest` needs no synchronization.
+// Rows longer than registers hold: each lane owns the same VEC-wide slices of the row in every pass, so the
+// accumulation in `dest` needs no synchronization. VEC divides D.
 template <typename T, int VEC>
-__global__ void targets_rows_kernel(const RowsArgs a) {
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp) targets_rows_global_kernel(const RowsArgs a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (r >= a.rows) return;
   const int64_t o = a.dest_row == nullptr ? r : a.dest_row[r];
   if (o < 0) return;
-  const int64_t b = r / a.T, D = a.D;
+  const int64_t b = r / a.T, t = r - b * a.T, D = a.D;
   float* acc = a.dest + o * D;
   for (int k = 0; k < a.layers.count; ++k) {
-    const T* x = static_cast<const T*>(a.layers.ptr[k]) + r * D;
+    const T* x = static_cast<const T*>(a.layers.ptr[k]) + b * a.stride_b + t * a.stride_t;
     float mean = 0.f, rstd = 1.f;
-    if (a.norm == NormKind::Layer) row_stats<T, VEC>(x, D, lane, a.eps, mean, rstd);
-    const float* cm = a.norm == NormKind::Instance ? a.layers.mean[k] + b * D : nullptr;
-    const float* cr = a.norm == NormKind::Instance ? a.layers.rstd[k] + b * D : nullptr;
+    if (a.norm == NormKind::Layer) mem_row_stats<T, VEC>(x, D, lane, a.eps, mean, rstd);
+    const float* sc = a.norm == NormKind::Instance ? a.layers.scale[k] + b * D : nullptr;
+    const float* sh = a.norm == NormKind::Instance ? a.layers.shift[k] + b * D : nullptr;
     const bool first = k == 0 && !a.accumulate;
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
       float v[VEC], y[VEC];
@@ -116,9 +258,7 @@ __global__ void targets_rows_kernel(const RowsArgs a) {
         load_float<float, VEC>(acc + i, y);
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        y[j] += cm != nullptr ? (v[j] - cm[i + j]) * cr[i + j] : (v[j] - mean) * rstd;
-      }
+      for (int j = 0; j < VEC; ++j) y[j] += sc != nullptr ? v[j] * sc[i + j] + sh[i + j] : (v[j] - mean) * rstd;
       store_float<float, VEC>(acc + i, y);
     }
   }
@@ -126,7 +266,7 @@ __global__ void targets_rows_kernel(const RowsArgs a) {
   float mean = 0.f, rstd = 1.f;
   if (a.final_layer) {
     // Statistics of inv_k * acc: scale the stats of acc rather than rereading.
-    row_stats<float, VEC>(acc, D, lane, 0.f, mean, rstd);  // rstd = 1/sqrt(var(acc))
+    mem_row_stats<float, VEC>(acc, D, lane, 0.f, mean, rstd);  // rstd = 1/sqrt(var(acc))
     const float var = a.inv_k * a.inv_k / (rstd * rstd);
     mean *= a.inv_k;
     rstd = rsqrtf(var + a.eps);
@@ -140,59 +280,80 @@ __global__ void targets_rows_kernel(const RowsArgs a) {
   }
 }
 
-// Elementwise over y (B*T, D); in place when out == y and dest_row is null.
-__global__ void instance_apply_kernel(const float* y, const float* __restrict__ mean, const float* __restrict__ rstd,
-                                      int64_t T_, int64_t D, int64_t total, const int64_t* __restrict__ dest_row,
-                                      float* out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / D, c = i % D, b = r / T_;
-    const int64_t o = dest_row == nullptr ? r : dest_row[r];
-    if (o >= 0) out[o * D + c] = (y[i] - mean[b * D + c]) * rstd[b * D + c];
+template <typename T, int VEC, int CHUNKS>
+void launch_reg(const RowsArgs& args, dim3 grid, dim3 block, cudaStream_t stream) {
+  targets_rows_reg_kernel<T, VEC, CHUNKS><<<grid, block, 0, stream>>>(args);
+}
+
+// The register kernel with the fewest chunks that cover D (D <= 32 * VEC * CHUNKS, CHUNKS * VEC <= 32).
+template <typename T, int VEC>
+bool launch_reg_for(const RowsArgs& args, dim3 grid, dim3 block, cudaStream_t stream) {
+  const int64_t per_lane = (args.D + kWarp - 1) / kWarp;  // elements per lane
+  const int64_t chunks = (per_lane + VEC - 1) / VEC;
+  if (chunks * VEC > kMaxPerLane) return false;
+  if constexpr (VEC == 1) {  // the unaligned fallback: one instantiation covers every D <= 1024
+    launch_reg<T, 1, kMaxPerLane>(args, grid, block, stream);
+  } else {
+    static_assert(4 * VEC <= kMaxPerLane, "a lane holds at least 4 vector chunks");
+    if (chunks <= 1) launch_reg<T, VEC, 1>(args, grid, block, stream);
+    else if (chunks <= 2) launch_reg<T, VEC, 2>(args, grid, block, stream);
+    else if (chunks <= 4) launch_reg<T, VEC, 4>(args, grid, block, stream);
+    else launch_reg<T, VEC, (8 * VEC <= kMaxPerLane ? 8 : 4)>(args, grid, block, stream);  // fp32 only
   }
+  return true;
+}
+
+bool aligned_rows(const LayerTable& layers, int64_t stride_b, int64_t stride_t, int64_t elem) {
+  if ((stride_b * elem) % 16 != 0 || (stride_t * elem) % 16 != 0) return false;
+  for (int k = 0; k < layers.count; ++k) {
+    if (!aligned(layers.ptr[k], 16)) return false;
+  }
+  return true;
 }
 
 }  // namespace
 
-cudaError_t instance_stats(const void* x, DType dtype, const bool* pad, int64_t B, int64_t T, int64_t D, float eps,
-                           float* mean, float* rstd, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((D + kStatCols - 1) / kStatCols), static_cast<unsigned>(B));
-  const dim3 block(kStatCols, kStatRows);
-  dispatch(dtype, [&](auto tag) {
-    using T_ = decltype(tag);
-    instance_stats_kernel<T_><<<grid, block, 0, stream>>>(static_cast<const T_*>(x), pad, T, D, eps, mean, rstd);
-  });
-  return cudaGetLastError();
-}
-
-cudaError_t targets_rows(const LayerTable& layers, DType dtype, NormKind norm, int64_t B, int64_t T, int64_t D,
-                         float eps, const int64_t* dest_row, float* dest, bool accumulate, bool finalize, float inv_k,
-                         bool final_layer, cudaStream_t stream) {
-  const RowsArgs args{layers, norm, B * T, T, D, eps, inv_k, dest_row, dest, accumulate, finalize, final_layer};
-  const dim3 grid(static_cast<unsigned>((B * T + kRowsPerBlock - 1) / kRowsPerBlock));
-  const dim3 block(kRowsPerBlock * kWarp);
+cudaError_t instance_stats(const LayerTable& layers, DType dtype, const bool* pad, int64_t B, int64_t T, int64_t D,
+                           int64_t stride_b, int64_t stride_t, float eps, cudaStream_t stream) {
   dispatch(dtype, [&](auto tag) {
     using T_ = decltype(tag);
     constexpr int kVec = 16 / sizeof(T_);
-    // 16-byte loads when every row starts 16-byte aligned (and dest rows kVec-float aligned); else scalar.
-    bool vec = D % kVec == 0 && aligned(dest, kVec * sizeof(float));
-    for (int k = 0; k < layers.count; ++k) vec = vec && aligned(layers.ptr[k], 16);
+    const bool vec = D % kVec == 0 && aligned_rows(layers, stride_b, stride_t, sizeof(T_));
+    const int per_block = 32 * (vec ? kVec : 1);
+    const dim3 grid(static_cast<unsigned>((D + per_block - 1) / per_block), static_cast<unsigned>(B),
+                    static_cast<unsigned>(layers.count));
+    const dim3 block(32, kStatRows);
     if (vec) {
-      targets_rows_kernel<T_, kVec><<<grid, block, 0, stream>>>(args);
+      instance_stats_kernel<T_, kVec><<<grid, block, 0, stream>>>(layers, pad, T, D, stride_b, stride_t, eps);
     } else {
-      targets_rows_kernel<T_, 1><<<grid, block, 0, stream>>>(args);
+      instance_stats_kernel<T_, 1><<<grid, block, 0, stream>>>(layers, pad, T, D, stride_b, stride_t, eps);
     }
   });
   return cudaGetLastError();
 }
 
-cudaError_t instance_apply(const float* y, const float* mean, const float* rstd, int64_t B, int64_t T, int64_t D,
-                           const int64_t* dest_row, float* out, cudaStream_t stream) {
-  const int64_t total = B * T * D;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
-  instance_apply_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(y, mean, rstd, T, D, total, dest_row,
-                                                                               out);
+cudaError_t targets_rows(const LayerTable& layers, DType dtype, NormKind norm, int64_t B, int64_t T, int64_t D,
+                         int64_t stride_b, int64_t stride_t, float eps, const int64_t* dest_row, float* dest,
+                         bool accumulate, bool finalize, float inv_k, bool final_layer, cudaStream_t stream) {
+  const RowsArgs args{layers, norm,     B * T,  T,    D,        stride_b,   stride_t,   eps,
+                      inv_k,  dest_row, dest,   accumulate,     finalize,   final_layer};
+  const dim3 grid(static_cast<unsigned>((B * T + kRowsPerBlock - 1) / kRowsPerBlock));
+  const dim3 block(kRowsPerBlock * kWarp);
+  dispatch(dtype, [&](auto tag) {
+    using T_ = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T_);
+    // 16-byte loads when every row starts 16-byte aligned (and the fp32 output rows too); else scalar.
+    const bool vec = D % kVec == 0 && aligned(dest, 16) && (D * sizeof(float)) % 16 == 0 &&
+                     aligned_rows(layers, stride_b, stride_t, sizeof(T_));
+    if (vec ? launch_reg_for<T_, kVec>(args, grid, block, stream) : launch_reg_for<T_, 1>(args, grid, block, stream)) {
+      return;
+    }
+    if (vec) {
+      targets_rows_global_kernel<T_, kVec><<<grid, block, 0, stream>>>(args);
+    } else {
+      targets_rows_global_kernel<T_, 1><<<grid, block, 0, stream>>>(args);
+    }
+  });
   return cudaGetLastError();
 }
 

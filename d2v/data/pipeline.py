@@ -68,7 +68,9 @@ class VisionPipeline:
             m.patch_size = auto_patch_size(h)
         if h % m.patch_size:
             raise ConfigError(f"patch size {m.patch_size} does not divide the image size {h}; resize with --image-size")
-        if len(m.pixel_mean) != c:
+        if m.pixel_mean and len(m.pixel_mean) != c:
+            raise ConfigError(f"model.pixel_mean needs one value per channel of the data ({c}), got {len(m.pixel_mean)}")
+        if not m.pixel_mean:
             m.pixel_mean, m.pixel_std = pixel_stats(self.dataset)
         self.grid = (h // m.patch_size, h // m.patch_size)
         self.order = SampleOrder(len(self.dataset), cfg.run.seed)

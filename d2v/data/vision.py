@@ -237,7 +237,8 @@ def _scan_files(samples: SampleList, image_size: int, skip_bad_files: bool) -> F
 
 
 def _resize_array(images: np.ndarray, size: int, path) -> np.ndarray:
-    """uint8 (N, C, H, W) -> (N, C, size, size): shorter side to size, then a centre crop (never a stretch)."""
+    """uint8 (N, C, H, W) -> (N, C, size, size): shorter side to size, then a centre crop (never a stretch); in chunks
+    so that memory peaks at the output; an output that cannot fit in RAM is refused with its size."""
     h, w = images.shape[-2:]
     if size <= 0:
         if h != w:
@@ -245,13 +246,22 @@ def _resize_array(images: np.ndarray, size: int, path) -> np.ndarray:
         return images
     if (h, w) == (size, size):
         return images
-    t = torch.from_numpy(images).float()
-    if h != w:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        t = t[..., top: top + s, left: left + s]
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return t.round().clamp(0, 255).to(torch.uint8).numpy()
+    from d2v.validation import available_bytes
+
+    n, c = images.shape[:2]
+    need, (have, _) = n * c * size * size, available_bytes("cpu")
+    if have and need > have // 2:
+        raise DataError(f"resizing {n} images to {size}x{size} px needs {need / 2**30:.1f} GiB in memory but this "
+                        f"machine has {have / 2**30:.1f} GiB; choose a smaller --image-size")
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    out = np.empty((n, c, size, size), dtype=np.uint8)
+    chunk = max(1, (64 << 20) // max(1, c * (size * size + s * s) * 4))
+    for i in range(0, n, chunk):
+        t = torch.from_numpy(images[i:i + chunk, :, top: top + s, left: left + s]).float()
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out[i:i + chunk] = t.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
 
 
 def load_images(source: str, split: str = "train", image_size: int = 0, skip_bad_files: bool = False,

@@ -92,6 +92,16 @@ class Block(nn.Module):
         return x + self.drop_path(self.gamma_2 * ffn), ffn
 
 
+def as_unit_images(images: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1]: uint8 (0..255) is scaled; float passes through; other dtypes are refused,
+    since guessing their range would give wrong features silently."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float in [0, 1] or uint8 in [0, 255], got {images.dtype}")
+    return images
+
+
 class VisionEncoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> hidden states (B, 1 + N, D); normalizes pixels itself."""
 
@@ -113,7 +123,7 @@ class VisionEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.rel_pos_bias = RelativePositionBias(self.grid, cfg.num_heads)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.apply(init_transformer_weights)
@@ -147,6 +157,7 @@ class VisionEncoder(nn.Module):
                 f"expected images (B, {self.cfg.in_chans}, {self.cfg.image_size}, {self.cfg.image_size}), "
                 f"got {tuple(images.shape)}"
             )
+        images = as_unit_images(images)
         x = (images - self.pixel_mean) / self.pixel_std
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         if mask is not None:

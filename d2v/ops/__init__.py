@@ -16,11 +16,28 @@ from d2v.ops import backends
 from d2v.ops.backends import BACKENDS, BackendUnavailable
 from d2v.ops.reference import NORMS
 
-__all__ = ["targets", "ema_update_", "masked_regression_loss", "BACKENDS", "BackendUnavailable", "NORMS"]
+__all__ = ["targets", "ema_update_", "masked_regression_loss", "grad_dtype", "BACKENDS", "BackendUnavailable",
+           "NORMS"]
 
 
 def _impl(backend: str, device: torch.device):
     return backends.module(backends.resolve(backend, device.type))
+
+
+def grad_dtype(pred_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the loss gradient the backends return: fp32, except bf16 for bf16 pred.
+
+    fp16 cannot hold the unscaled gradient (~1e-5: subnormals) nor a grad scaler's factor (65536 > 65504), so it
+    is never the storage type; bf16 has fp32's exponent range, and storing bf16 halves the gradient's traffic.
+    """
+    return torch.bfloat16 if pred_dtype == torch.bfloat16 else torch.float32
+
+
+def _same_device(device: torch.device, what: str, tensors) -> None:
+    """Refuse tensors on another device than the data: kernels would read them through a foreign pointer."""
+    for name, t in tensors:
+        if t is not None and t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device} but the data is on {device}; move it to {device} first")
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -74,6 +91,8 @@ def targets(
     for name, m in (("mask", mask), ("padding_mask", padding_mask)):
         if m is not None and (m.dtype != torch.bool or m.shape != shape[:2]):
             raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape[:2])}")
+    _same_device(layers[0].device, "targets", [(f"layer {i}", x) for i, x in enumerate(layers)]
+                 + [("mask", mask), ("padding_mask", padding_mask)])
     layers = [layer.detach() for layer in layers]
     return _targets_op(layers, norm, final_norm, mask, padding_mask, float(eps), backend)
 
@@ -106,6 +125,8 @@ def ema_update_(
             raise ValueError(f"teacher and student shapes differ: {tuple(t.shape)} vs {tuple(s.shape)}")
         if t.dtype != torch.float32:
             raise ValueError(f"teacher tensors must be float32 (EMA weights are kept in fp32), got {t.dtype}")
+    _same_device(teacher[0].device, "ema_update_", [("a teacher tensor", t) for t in teacher]
+                 + [("a student tensor", s) for s in student])
     with torch.no_grad():
         _ema_op([t.detach() for t in teacher], [s.detach() for s in student], float(decay), backend)
 
@@ -128,17 +149,24 @@ def _loss_op(
 
 @_loss_op.register_fake
 def _(pred, target, mask, beta, scale, reduction, need_grad, backend):
-    grad = torch.empty_like(pred) if need_grad else pred.new_empty(0)
+    # Every backend returns the gradient contiguous, in grad_dtype(pred.dtype), whatever pred's layout.
+    grad = pred.new_empty(pred.shape, dtype=grad_dtype(pred.dtype)) if need_grad else pred.new_empty(0)
     return pred.new_empty((), dtype=torch.float32), grad
 
 
 def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.pred_dtype = inputs[0].dtype
 
 
 def _loss_backward(ctx, grad_loss, _grad_of_grad):
+    # The saved gradient is unscaled and in fp32 (bf16 for bf16 pred: the same exponent range); the incoming
+    # gradient (a grad scaler's 65536, or 1/65536) is folded in, in fp32, before one rounding to pred's dtype,
+    # so fp16 neither overflows nor flushes it to zero. One elementwise kernel either way.
     (grad_pred,) = ctx.saved_tensors
-    return grad_pred * grad_loss.to(grad_pred.dtype), None, None, None, None, None, None, None
+    out = torch.empty(grad_pred.shape, dtype=ctx.pred_dtype, device=grad_pred.device)
+    torch.mul(grad_pred, grad_loss.to(torch.float32), out=out)
+    return out, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
@@ -167,6 +195,7 @@ def masked_regression_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+    _same_device(pred.device, "masked_regression_loss", [("target", target), ("mask", mask)])
     need_grad = pred.requires_grad and torch.is_grad_enabled()
     loss, _ = _loss_op(pred, target.detach(), mask, float(beta), float(scale), reduction, need_grad, backend)
     return loss

@@ -54,7 +54,7 @@ def ema_update_(teacher, student, decay):
 
 
 def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
-    """(loss fp32 0-dim, grad_pred in pred's dtype or empty); see d2v.ops.masked_regression_loss."""
+    """(loss fp32 0-dim, grad_pred contiguous in fp32, bf16 for bf16 pred, or empty); see d2v.ops.grad_dtype."""
     return torch.ops.d2v_ext.masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad)
 
 
@@ -76,5 +76,6 @@ if _C is not None:
 
     @torch.library.register_fake("d2v_ext::masked_regression_loss")
     def _(pred, target, mask, beta, scale, reduction, need_grad):
-        grad = torch.empty_like(pred, memory_format=torch.contiguous_format) if need_grad else pred.new_empty(0)
+        dtype = torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32
+        grad = pred.new_empty(pred.shape, dtype=dtype) if need_grad else pred.new_empty(0)
         return pred.new_empty((), dtype=torch.float32), grad

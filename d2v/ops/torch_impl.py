@@ -6,8 +6,10 @@ Every backend module (this one, d2v.kernels, d2v.ops.extension) exposes the same
     ema_update_(teacher, student, decay) -> None
     masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad) -> (loss, grad_pred)
 
-`grad_pred` is d(loss)/d(pred) in pred's dtype and shape (an empty tensor when need_grad is False);
-the autograd wrapper in d2v.ops scales it by the incoming gradient.
+`grad_pred` is d(loss)/d(pred), contiguous, of pred's shape, in d2v.ops.grad_dtype(pred.dtype): fp32, or bf16
+for bf16 pred (an empty tensor when need_grad is False). The autograd wrapper in d2v.ops scales it by the
+incoming gradient in fp32, then rounds to pred's dtype (a gradient stored in fp16 before that scaling would
+flush to zero or, times a grad scaler's 65536, overflow).
 """
 from __future__ import annotations
 
@@ -84,4 +86,4 @@ def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad
     g = g * factor
     if w is not None:
         g = g * w.unsqueeze(-1)
-    return loss, g.to(pred.dtype)
+    return loss, g.to(torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32).contiguous()
