@@ -130,3 +130,50 @@ def pretrain(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_path}")
+
+
+@app.command()
+def data(
+    modality: str = typer.Option("vision", "--modality", help="vision, speech or text."),
+    source: Optional[str] = typer.Option(None, "--data", help="Built-in name, folder, tar shards or TSV manifest "
+                                         "(default: the modality's built-in)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preset whose data settings to use (default: tiny)."),
+    batches: int = typer.Option(20, "--batches", min=2, help="Micro-batches to draw."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per micro-batch."),
+    num_workers: int = typer.Option(-1, "--num-workers", min=-1, help="DataLoader workers (-1: automatic)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=2, help="Resize/crop images to this (vision)."),
+    model_steps: int = typer.Option(3, "--model-steps", min=0, help="Also time this many training steps on one batch."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted)."),
+    device: str = typer.Option("cpu", "--device", help="Device for the training-step timing."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the row as JSON here."),
+) -> None:
+    """Loader-only throughput (samples/s) of a modality's data source, beside the training step's samples/s."""
+    from d2v.errors import UserError
+
+    from .data import meta, run
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    try:
+        row = run(modality, source, preset, batches, batch_size, num_workers, image_size, model_steps, device,
+                  {"data.skip_bad_files": True} if skip_bad_files else None)
+    except UserError as exc:
+        console.print(f"[red]Error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2)
+    table = Table(title=f"d2v data: {row['modality']} from {row['source_kind']} {row['source']}")
+    for col in ("batch", "workers", "setup s", "first batch s", "loader samples/s", "step samples/s",
+                "skipped", "peak RSS MB"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_row(str(row["batch_size"]), str(row["num_workers"]), f"{row['setup_s']:.2f}",
+                  f"{row['first_batch_s']:.2f}", _fmt(row["loader_samples_per_s"], ".1f"),
+                  _fmt(row["step_samples_per_s"], ".1f"), str(row["skipped_files"]), _fmt(row["peak_rss_mb"], ".0f"))
+    console.print(table)
+    if row["step_samples_per_s"] and row["loader_samples_per_s"]:
+        bound = "data" if row["loader_samples_per_s"] < row["step_samples_per_s"] else "compute"
+        console.print(f"This run would be {bound}-bound (loader {row['loader_samples_per_s']:.0f} vs step "
+                      f"{row['step_samples_per_s']:.0f} samples/s).")
+    if json_path is not None:
+        argv = sys.argv[sys.argv.index("data") + 1:] if "data" in sys.argv else []
+        result = {"meta": {**meta(), "command": shlex.join(["d2v", "bench", "data", *argv])}, "rows": [row]}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")

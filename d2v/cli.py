@@ -96,6 +96,7 @@ def pretrain(
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
     vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
     doc_per_line: bool = typer.Option(False, "--doc-per-line", help="One document per line, else one per file (text)."),
+    tokenizer: Optional[str] = typer.Option(None, help="A tokenizer.json to use instead of training a BPE (text)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint; "
                                 "options not given come from the run."),
@@ -104,7 +105,8 @@ def pretrain(
     kernels: Optional[Kernels] = typer.Option(None, help="Implementation of the hot ops (auto picks the fastest)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, masks, init)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N updates (0: only at the end)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes preparing batches."),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes decoding batches (default: one "
+                                              "per spare core, up to 8, for files; none for in-memory sets)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
     set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
     eval_data: Optional[str] = typer.Option(None, help="Labelled set for a live k-NN monitor of the student and "
@@ -132,6 +134,7 @@ def pretrain(
         "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
         "data.skip_bad_files": True if skip_bad_files else None,
         "data.vocab_size": vocab_size, "data.doc_per_line": True if doc_per_line else None,
+        "data.tokenizer": tokenizer,
         "run.eval_data": eval_data, "run.eval_every": eval_every, "run.log": log, "run.init_from": init_from,
     }
     for item in set_:
@@ -152,6 +155,8 @@ def pretrain(
         for key, value in given.items():
             set_by_path(cfg, key, value)
         cfg.data.source = _resolve_source(cfg.data.source)
+        if cfg.data.tokenizer:
+            cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
         cfg.run.eval_data = _resolve_source(cfg.run.eval_data) if cfg.run.eval_data else ""
         cfg.run.init_from = _resolve_source(cfg.run.init_from) if cfg.run.init_from else ""
     validate(cfg, memory=not dry_run)

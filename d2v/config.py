@@ -131,11 +131,13 @@ class DataConfig:
     image_size: int = 0  # 0: the data's own size; else images are resized to this
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, area fraction (1, 1): none
     hflip: bool = True
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1 - x, 1 + x] (BEiT: 0.4)
     skip_bad_files: bool = False
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
+    tokenizer: str = ""  # text: a tokenizer.json to use instead of training one (e.g. RoBERTa's BPE)
     doc_per_line: bool = False  # text: one document per line (else one per file)
     crop_seconds: float = 15.625  # speech: random crops of at most this long (wav2vec 2.0: 250k samples)
-    num_workers: int = 0
+    num_workers: int = -1  # DataLoader workers; -1: automatic (files: one per spare core, up to 8; in memory: 0)
 
 
 @dataclass

@@ -131,10 +131,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "ema.anneal_steps": 1000,
             "run.steps": 1000,
         },
-        "base": {"data.image_size": 224},
+        # data2vec v1 vision recipe (BEiT augmentation): RandomResizedCrop scale (0.08, 1) from the original image,
+        # flip, colour jitter 0.4
+        "base": {"data.image_size": 224, "data.crop_scale": (0.08, 1.0), "data.color_jitter": 0.4},
         "large": {
             "data.image_size": 224,
             "run.strategy": "fsdp",  # sharded when launched on several processes (FSDP2)
+            "data.crop_scale": (0.08, 1.0),
+            "data.color_jitter": 0.4,
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,

@@ -43,10 +43,10 @@ def load_labelled(source: str, encoder, split: str, holdout: list[str] | None = 
 
     cfg = encoder.cfg
     if cfg.modality == "speech":
-        from d2v.data.speech import labelled_split, load_audio
+        from d2v.data.speech import default_holdout, labelled_split, load_audio
 
         return labelled_split(load_audio(source, sample_rate=cfg.sample_rate, min_samples=encoder.receptive_field),
-                              split, holdout)
+                              split, holdout or default_holdout(source))
     if holdout:
         raise DataError("--holdout is available for speech folders only")
     if cfg.modality == "text":

@@ -17,7 +17,8 @@ import torch
 from d2v import checkpoint as ckpt
 from d2v import distributed, rundir
 from d2v.config import PretrainConfig, from_dict
-from d2v.data.pipeline import MicroBatches, build_pipeline, collate_one, torch_seed
+from d2v.data.loader import batch_loader
+from d2v.data.pipeline import build_pipeline, torch_seed
 from d2v.errors import CheckpointError, ConfigError, UserError
 from d2v.models import build_encoder
 from d2v.objective import Data2Vec
@@ -199,7 +200,8 @@ def _pretrain(cfg, out, resume: bool, console, progress: bool, dist) -> Summary:
 
     if cfg.run.init_from and not resume:
         adopt_layout(cfg)
-    pipeline = build_pipeline(cfg)  # fills data-dependent model fields (image size, channels, pixel stats)
+    # fills data-dependent model fields (image size, channels, pixel stats); a resumed run reads its saved data list
+    pipeline = build_pipeline(cfg, run_dir if resume else None)
     validate(cfg, data_ready=True)  # again, with the fields the data filled in
     distributed.check_same(cfg.to_json(), "configs (data-dependent fields differ)", dist)
     lock, fresh, error = None, True, None
@@ -268,10 +270,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
 
     # fp16 updates the grad scaler skips consume their batch without counting: the stream then runs past `total`.
     updates = (total - start) if not scaler.is_enabled() else 2**40
-    loader = torch.utils.data.DataLoader(
-        MicroBatches(pipeline, plan, batches_done, updates), batch_size=None, collate_fn=collate_one,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = batch_loader(pipeline, plan, batches_done, updates, cfg.data.num_workers, device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # FSDP2 gathers bf16 parameters (its mixed-precision policy); autocast still picks each op's precision
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())

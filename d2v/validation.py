@@ -33,7 +33,8 @@ _UNIT: Rule = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 _POS: Rule = (lambda v: _finite(v) and v > 0, "a positive number")
 _NONNEG: Rule = (lambda v: _finite(v) and v >= 0, "a number of at least 0")
 _SMALL_POS: Rule = (lambda v: _finite(v) and 0 < v <= 1, "a positive number of at most 1")
-_SPECIAL_ID: Rule = (lambda v: 0 <= v <= 4, "the id of a special token, 0 to 4 (<s> <pad> </s> <unk> <mask>)")
+# a given tokenizer.json (--tokenizer) places its specials where it likes (RoBERTa: <mask> = 50264)
+_SPECIAL_ID: Rule = (lambda v: 0 <= v < 1 << 31, "the id of a special token (<s> <pad> </s> <unk> <mask>), at least 0")
 
 RULES: dict[str, dict[str, Rule]] = {
     "model": {
@@ -86,11 +87,13 @@ RULES: dict[str, dict[str, Rule]] = {
     "data": {
         "source": (lambda v: bool(v.strip()), "a built-in dataset name or a path"),
         "image_size": (lambda v: v == 0 or 2 <= v <= 8192, "0 (the data's own size) or 2 to 8192 pixels"),
+        "color_jitter": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
         "crop_scale": (lambda v: len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
                        "two area fractions 0 < min <= max <= 1, e.g. 0.6,1.0"),
         "vocab_size": (lambda v: 300 <= v <= 1_000_000, "an integer from 300 to 1000000"),
         "crop_seconds": (lambda v: _finite(v) and 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"),
-        "num_workers": (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
+        "num_workers": (lambda v: -1 <= v <= 256, "-1 (automatic) or an integer from 0 to 256"),
+        "tokenizer": (lambda v: v == "" or os.path.isfile(os.path.expanduser(v)), "empty or an existing tokenizer.json"),
     },
     "run": {
         "steps": (lambda v: 1 <= v <= 10**10, "an integer from 1 to 10^10"),
@@ -118,8 +121,8 @@ FLAGS = {
     "data.source": "--data", "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
     "optim.lr": "--lr", "data.image_size": "--image-size", "run.device": "--device", "run.precision": "--precision",
     "run.kernels": "--kernels", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
-    "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "run.eval_data": "--eval-data",
-    "run.eval_every": "--eval-every", "run.log": "--log", "run.init_from": "--init-from",
+    "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "data.tokenizer": "--tokenizer",
+    "run.eval_data": "--eval-data", "run.eval_every": "--eval-every", "run.log": "--log", "run.init_from": "--init-from",
 }
 
 
@@ -173,6 +176,9 @@ def check_relations(cfg: PretrainConfig) -> None:
     if cfg.modality == "text":
         if m.pad_id == m.mask_id:
             raise ConfigError("model.pad_id and model.mask_id must name different special tokens")
+        if m.vocab_size and max(m.pad_id, m.mask_id) >= m.vocab_size:
+            raise ConfigError(f"model.pad_id ({m.pad_id}) and model.mask_id ({m.mask_id}) must be below "
+                              f"model.vocab_size ({m.vocab_size})")
         if mk.span_length > m.max_length:
             raise ConfigError(f"mask.span_length ({mk.span_length}) cannot exceed model.max_length ({m.max_length})")
     if cfg.modality == "speech":

@@ -10,6 +10,18 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Tokenized corpora and generated data sets go to a temporary cache, not the user's ~/.cache/d2v."""
+    old = os.environ.get("D2V_CACHE_DIR")
+    os.environ["D2V_CACHE_DIR"] = str(tmp_path_factory.mktemp("d2v-cache"))
+    yield
+    if old is None:
+        os.environ.pop("D2V_CACHE_DIR", None)
+    else:
+        os.environ["D2V_CACHE_DIR"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
@@ -39,3 +51,9 @@ def tiny_cli_args():
     for key, value in TINY_OVERRIDES.items():
         args += ["--set", f"{key}={value}"]
     return args + ["--no-progress"]
+
+
+def micro(pipeline, k: int):
+    """Micro-batch number k of a one-process run without accumulation (global positions k*B .. k*B + B - 1)."""
+    B = pipeline.cfg.run.batch_size
+    return pipeline.micro_batch(k * B, B)

@@ -23,7 +23,9 @@ ZERO_OK = {
     "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers",
     "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after", "run.eval_every",
     "run.checkpoint_minutes",
+    "data.color_jitter",
 }
+MINUS_ONE_OK = {"data.num_workers"}  # -1: automatic
 # Fields where a huge value is only "never" (no clipping, no checkpoint until the end, keep everything).
 HUGE_OK = {"ema.anneal_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "optim.clip_grad",
            "run.eval_every"}
@@ -57,7 +59,7 @@ def _cases(key, hint):
     if kind is str:
         return [("bogus-choice", False)]
     huge = "1e30" if kind is float else "100000000000000"
-    return [("abc", False), ("-1", False), ("0", key in ZERO_OK), (huge, key in HUGE_OK), ("nan", False)]
+    return [("abc", False), ("-1", key in MINUS_ONE_OK), ("0", key in ZERO_OK), (huge, key in HUGE_OK), ("nan", False)]
 
 
 def _no_data(monkeypatch):

@@ -125,9 +125,13 @@ def test_non_utf8_names_file_and_offset_or_is_skipped(tmp_path):
     with pytest.raises(DataError, match=r"bad\.txt.*byte offset 3"):
         textdata.read_corpus(str(tmp_path))
     corpus = textdata.read_corpus(str(tmp_path), skip_bad_files=True)
-    assert corpus.skipped == 1 and "caf\ufffd au lait" in corpus.docs
-    pipe = textdata.TextPipeline(text_config(**{"data.source": str(tmp_path), "data.skip_bad_files": True}))
+    assert corpus.skipped == 1 and corpus.docs == ["fine text"]  # counted as skipped, and left out
+    pipe = textdata.TextPipeline(text_config(**{"data.source": str(tmp_path), "data.skip_bad_files": True,
+                                                "data.vocab_size": 300}))
     assert pipe.skipped == 1
+    ids = pipe.blocks.blocks(np.arange(len(pipe.blocks))).reshape(-1)
+    text = pipe.tokenizer.decode(ids.tolist())
+    assert "fine text" in text and "lait" not in text  # before: the file was counted as skipped but trained on
 
 
 def test_empty_corpus_and_missing_path(tmp_path):
@@ -230,8 +234,10 @@ def test_resume_is_exact_and_refuses_a_different_corpus(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "part" / "config.json").read_text())
     cfg["data"]["vocab_size"] = 350  # a different tokenizer than the run's embeddings were trained with
     (tmp_path / "part" / "config.json").write_text(json.dumps(cfg))
+    from d2v.train import load_run_config
+
     with pytest.raises(ConfigError, match="different tokenizer"):
-        pretrain(text_config(), out=tmp_path / "part", resume=True, progress=False)
+        pretrain(load_run_config(tmp_path / "part"), out=tmp_path / "part", resume=True, progress=False)
 
 
 # ------------------------------------------------------------------------------------ CLI, export, probe
@@ -293,6 +299,7 @@ def test_cli_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(textdata, "FORTUNE_DIRS", [tmp_path / "absent"])
     _fails_with(cli("pretrain", "--modality", "text", "--data", "fortunes", "--dry-run"), "apt-get install fortunes")
     _fails_with(cli("pretrain", "--modality", "text", "--set", "mask.kind=block", "--dry-run"), "not available for text")
+    (bad / "good.txt").write_text("a good line\nand another\n")
     result = cli("pretrain", "--modality", "text", "--data", bad, "--skip-bad-files", "--doc-per-line",
                  "--vocab-size", "300", "--dry-run")
     assert result.exit_code == 0, result.output

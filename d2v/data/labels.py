@@ -1,19 +1,17 @@
 """Labels of a folder dataset: the class of a file is its first-level sub-folder."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 
-def labels_from_subfolders(root: Path, files: list[Path]) -> tuple[np.ndarray | None, list[str]]:
-    """(label per file, class names) when every file sits in a sub-folder and there are at least two of
-    them; else (None, []): an unlabelled folder."""
-    parts = [Path(f).relative_to(root).parts for f in files]
-    if not parts or not all(len(p) >= 2 for p in parts):
+def labels_from_names(names: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """(label per sample, class names) for relative names such as 'cat/001.jpg' when every name sits in a
+    sub-folder and there are at least two of them; else (None, []): an unlabelled set."""
+    firsts = [n.replace("\\", "/").split("/", 1)[0] if "/" in n.replace("\\", "/") else None for n in names]
+    if not firsts or any(f is None for f in firsts):
         return None, []
-    classes = sorted({p[0] for p in parts})
+    classes = sorted(set(firsts))
     if len(classes) < 2:
         return None, []
     index = {name: i for i, name in enumerate(classes)}
-    return np.array([index[p[0]] for p in parts]), classes
+    return np.array([index[f] for f in firsts], dtype=np.int64), classes

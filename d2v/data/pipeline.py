@@ -57,19 +57,25 @@ def torch_seed(seed: int, first: int) -> int:
 
 
 class VisionPipeline:
-    def __init__(self, cfg: PretrainConfig):
-        from d2v.data.vision import BUILTIN, load_images, pixel_stats
+    """In-memory images are batched whole and cropped on the device (one grid_sample); image files are decoded and
+    cropped from their original resolution in micro_batch, i.e. in DataLoader workers."""
+
+    def __init__(self, cfg: PretrainConfig, run_dir=None):
+        from d2v.data.vision import BUILTIN, FileImages, load_images, pixel_stats
         from d2v.models.vision import auto_patch_size
 
         self.cfg = cfg
         split = "train" if cfg.data.source in BUILTIN else "all"  # built-ins keep their test split for probes
-        self.dataset = load_images(cfg.data.source, split, cfg.data.image_size, cfg.data.skip_bad_files)
+        self.dataset = load_images(cfg.data.source, split, cfg.data.image_size, cfg.data.skip_bad_files,
+                                   run_dir=run_dir)
+        self.files = self.reads_files = isinstance(self.dataset, FileImages)
         if len(self.dataset) == 0:
             raise DataError(f"data {cfg.data.source!r} holds no images")
         c, h, _ = self.dataset.shape
         m = cfg.model
         if m.image_size and m.image_size != h:
-            raise ConfigError(f"the model expects {m.image_size}px images but the data has {h}px; set --image-size {m.image_size}")
+            raise ConfigError(f"the model expects {m.image_size}px images but the data has {h}px; "
+                              f"set --image-size {m.image_size}")
         m.image_size, m.in_chans = h, c
         if m.patch_size <= 0:
             m.patch_size = auto_patch_size(h)
@@ -87,15 +93,33 @@ class VisionPipeline:
         return self.dataset.skipped
 
     def micro_batch(self, first: int, count: int) -> Batch:
-        """The samples at global positions first .. first + count - 1, each with its own block mask."""
+        """The samples at global positions first .. first + count - 1, each with its own block mask (and, for
+        image files, its own crop of the original image, decoded here, i.e. in a DataLoader worker)."""
         idx = self.order.indices(first, count)
-        images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
+        if self.files:  # (B, C, H, W) uint8, cropped from the originals; one rng per sample position
+            d = self.cfg.data
+            images = self.dataset.train_batch(idx, d.crop_scale, d.hflip,
+                                              sample_rngs(self.cfg.run.seed, 2, first, count))
+        else:
+            images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
         mask = _masks(self.cfg.mask, self.grid, sample_rngs(self.cfg.run.seed, 1, first, count))
         return Batch(inputs=images, mask=torch.from_numpy(mask))
 
+    def run_files(self) -> dict[str, bytes]:
+        """The list of image files, kept in the run directory so a resumed run reads the same samples."""
+        from d2v.data.sources import MANIFEST_NAME
+
+        return {MANIFEST_NAME: self.dataset.samples.to_manifest()} if self.files else {}
+
     def on_device(self, batch: Batch, first: int) -> Batch:
-        batch.inputs = random_resized_crop(batch.inputs, self.cfg.data.crop_scale, self.cfg.data.hflip,
-                                           sample_rngs(self.cfg.run.seed, 2, first, batch.inputs.shape[0]))
+        d, B = self.cfg.data, batch.inputs.shape[0]
+        if self.files:  # already cropped in micro_batch
+            batch.inputs = batch.inputs.float() / 255.0
+        else:
+            batch.inputs = random_resized_crop(batch.inputs, d.crop_scale, d.hflip,
+                                               sample_rngs(self.cfg.run.seed, 2, first, B))
+        if d.color_jitter > 0:
+            batch.inputs = color_jitter(batch.inputs, d.color_jitter, sample_rngs(self.cfg.run.seed, 5, first, B))
         return batch
 
 
@@ -136,9 +160,31 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def build_pipeline(cfg: PretrainConfig):
+def color_jitter(images: torch.Tensor, strength: float,
+                 rngs: np.random.Generator | list[np.random.Generator]) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation (in that order), each a factor in [1 - strength,
+    1 + strength] drawn from rngs[b] (or one generator for every sample in turn); images (B, C, H, W) in [0, 1],
+    on their device. Grayscale images get no saturation change."""
+    B, C = images.shape[:2]
+    if isinstance(rngs, np.random.Generator):
+        rngs = [rngs] * B
+    draws = np.array([rng.uniform(1 - strength, 1 + strength, 3) for rng in rngs]).T.reshape(3, B, 1, 1, 1)
+    f = torch.from_numpy(draws).to(images.device, images.dtype)
+    luma = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    gray = (lambda x: (x * luma).sum(1, keepdim=True)) if C == 3 else (lambda x: x)  # noqa: E731
+    x = (images * f[0]).clamp(0, 1)
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * f[1] + mean).clamp(0, 1)
+    if C == 3:
+        g = gray(x)
+        x = ((x - g) * f[2] + g).clamp(0, 1)
+    return x
+
+
+def build_pipeline(cfg: PretrainConfig, run_dir=None):
+    """The modality's pipeline; run_dir (when resuming) holds the files the run saved, such as its data manifest."""
     if cfg.modality == "vision":
-        return VisionPipeline(cfg)
+        return VisionPipeline(cfg, run_dir)
     if cfg.modality == "text":
         from d2v.data.text import TextPipeline
 
@@ -146,25 +192,5 @@ def build_pipeline(cfg: PretrainConfig):
     if cfg.modality == "speech":
         from d2v.data.speech import SpeechPipeline
 
-        return SpeechPipeline(cfg)
+        return SpeechPipeline(cfg, run_dir)
     raise ConfigError(f"unknown modality {cfg.modality!r}")
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """This process's micro-batches of updates first_update, first_update + 1, ... (`updates` of them), in order,
-    so a DataLoader can prepare them in worker processes. `plan` (d2v.distributed.BatchPlan) says which sample
-    positions each holds. Item i is (first sample position, Batch)."""
-
-    def __init__(self, pipeline, plan, first_update: int, updates: int):
-        self.pipeline, self.plan, self.first_update, self.updates = pipeline, plan, first_update, updates
-
-    def __len__(self) -> int:
-        return self.updates * self.plan.accum
-
-    def __getitem__(self, i: int) -> tuple[int, Batch]:
-        first = self.plan.first(self.first_update + i // self.plan.accum, i % self.plan.accum)
-        return first, self.pipeline.micro_batch(first, self.plan.micro)
-
-
-def collate_one(batch: Batch) -> Batch:
-    return batch

@@ -1,15 +1,20 @@
 """Text data: corpora (the embedded pydoc topics, Debian's fortunes, a .txt file or folder), the byte-level BPE
-tokenizer trained on them, packing into fixed-length blocks, and labelled sets for the probe."""
+tokenizer trained on them (or a given tokenizer.json), the corpus tokenized once into a cached token file read in
+fixed-length blocks, and labelled sets for the probe."""
 from __future__ import annotations
 
+import codecs
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from d2v.data.labels import labels_from_names
 from d2v.data.pipeline import SampleOrder, sample_rngs
+from d2v.data.sources import SampleList, from_names, cache_dir, expand, list_source
 from d2v.errors import ConfigError, DataError
 from d2v.masking import bert_corrupt, token_masks
 from d2v.objective import Batch
@@ -21,28 +26,137 @@ BUILTIN = ("pydoc", "fortunes")
 MIN_CATEGORY = 20  # fortune files with fewer entries are left out of the probe's classes
 
 
+# ------------------------------------------------------------------------------------------------ reading
+PIECE_BYTES = 1 << 20  # large files are read, trained on and tokenized in pieces of about this size, cut at newlines
+
+
+def _binary(src):
+    """A binary file object for a path or an in-memory shard member."""
+    return open(src, "rb") if isinstance(src, (str, Path)) else src
+
+
+def _check_utf8(src, name: str, skip_bad_files: bool) -> bool:
+    """True if the file is UTF-8; else False under skip_bad_files, or a DataError naming the file and offset.
+    Reads the file in pieces, so a large file never sits in memory whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _binary(src) as f:
+        while True:
+            chunk = f.read(PIECE_BYTES)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                if skip_bad_files:
+                    return False
+                at = offset + exc.start - len(decoder.getstate()[0])
+                bad = (chunk[exc.start] if 0 <= exc.start < len(chunk) else 0)
+                raise DataError(f"{name} is not UTF-8 text (invalid byte 0x{bad:02x} at byte offset {max(at, 0)}); "
+                                f"convert it or pass --skip-bad-files to leave it out") from None
+            if not chunk:
+                return True
+            offset += len(chunk)
+
+
+def _file_pieces(src):
+    """The text of a UTF-8 file in pieces of about PIECE_BYTES, each ending at a newline (or the file's end)."""
+    rest = b""
+    with _binary(src) as f:
+        while True:
+            chunk = f.read(PIECE_BYTES)
+            if not chunk:
+                break
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            yield data[:cut].decode("utf-8")
+            rest = data[cut:]
+    if rest:
+        yield rest.decode("utf-8")
+
+
+@dataclass
+class TextFiles:
+    """A corpus read from files (a folder, one file, tar shards, fortune files): documents are streamed (one per
+    file, or one per non-blank line), never all held.
+
+    pieces() yields (text, starts_document, ends_document); a document larger than PIECE_BYTES comes in pieces."""
+
+    samples: SampleList
+    doc_per_line: bool
+    skip_bad_files: bool
+    skipped: int = 0  # non-UTF-8 files left out under --skip-bad-files
+    fortune: bool = False  # fortune files: entries separated by '%' lines
+
+    def usable(self) -> list[int]:
+        s = self.samples
+        good = [i for i in range(len(s)) if _check_utf8(s.open(i), s.where(i), self.skip_bad_files)]
+        self.skipped = len(s) - len(good)
+        return good
+
+    def _size(self, i: int) -> int:
+        s = self.samples
+        return int(s.size[i]) if s.size is not None else os.stat(s.open(i)).st_size
+
+    def pieces(self, files: list[int] | None = None):
+        s = self.samples
+        for i in self.usable() if files is None else files:
+            if self.fortune:
+                with _binary(s.open(i)) as f:
+                    for entry in _fortune_entries(f.read().decode("utf-8")):
+                        yield entry, True, True
+            elif self.doc_per_line:
+                for piece in _file_pieces(s.open(i)):
+                    for line in piece.splitlines():
+                        if line.strip():
+                            yield line, True, True
+            elif self._size(i) <= PIECE_BYTES:
+                with _binary(s.open(i)) as f:
+                    text = f.read().decode("utf-8")
+                if text.strip():
+                    yield text, True, True
+            else:
+                parts = _file_pieces(s.open(i))
+                prev = next(parts, None)
+                first = True
+                for part in parts:
+                    yield prev, first, False
+                    prev, first = part, False
+                if prev is not None:
+                    yield prev, first, True
+
+    def fingerprint(self) -> str:
+        """sha256 of the corpus as read: file names, their bytes and how they are split into documents."""
+        h = hashlib.sha256(f"d2v text v1 per_line={self.doc_per_line} fortune={self.fortune} "
+                           f"skip={self.skip_bad_files}\n".encode())
+        s = self.samples
+        for i in range(len(s)):
+            h.update(f"{s.name(i)}\0{self._size(i)}\0".encode())
+            with _binary(s.open(i)) as f:
+                for chunk in iter(lambda: f.read(PIECE_BYTES), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
 @dataclass
 class Corpus:
-    """Documents, with a class per document where the source has them (fortune file, sub-folder)."""
+    """Documents held in memory, with a class per document where the source has them (fortune file, sub-folder)."""
 
     docs: list[str]
     labels: np.ndarray | None = None
     classes: list[str] = field(default_factory=list)
-    skipped: int = 0  # files decoded with replacement characters under --skip-bad-files
+    skipped: int = 0  # files left out under --skip-bad-files
 
+    def pieces(self):
+        for d in self.docs:
+            yield d, True, True
 
-# ------------------------------------------------------------------------------------------------ reading
-def _decode(path: Path, skip_bad_files: bool, counter: list[int]) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not skip_bad_files:
-            raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte offset "
-                            f"{exc.start}); convert it or pass --skip-bad-files to decode it with replacement "
-                            f"characters") from None
-        counter[0] += 1
-        return data.decode("utf-8", errors="replace")
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(b"d2v text v1 docs\n")
+        for d in self.docs:
+            h.update(d.encode("utf-8") + b"\0")
+        return h.hexdigest()
 
 
 def _pydoc() -> Corpus:
@@ -75,56 +189,67 @@ def fortune_files() -> list[Path]:
                     f"which is not installed (looked in {', '.join(str(d) for d in FORTUNE_DIRS)})")
 
 
-def _fortunes(skip_bad_files: bool) -> Corpus:
-    counter = [0]
-    docs, labels, classes = [], [], []
-    for path in fortune_files():
-        entries = _fortune_entries(_decode(path, skip_bad_files, counter))
-        if entries:
-            labels += [len(classes)] * len(entries)
-            classes.append(path.name)
-            docs += entries
-    return Corpus(docs, np.asarray(labels), classes, counter[0])
+def _text_samples(source: str) -> SampleList:
+    """The .txt files of a path (a file, a folder, tar shards of .txt members), listed in a fixed order."""
+    path = expand(source)
+    if path.is_file() and path.suffix != ".tar":
+        return from_names("folder", str(path.parent), [path.name])
+    if not path.exists() and "{" not in source:
+        raise DataError(f"text data {str(path)!r} is neither a built-in name ({', '.join(BUILTIN)}) "
+                        f"nor an existing path")
+    try:
+        return list_source(source, {".txt"}, ".txt files")
+    except DataError as exc:
+        if str(exc).startswith("no .txt files"):
+            raise DataError(f"{path} holds no .txt files") from None
+        raise
 
 
-def _path(path: Path, doc_per_line: bool, skip_bad_files: bool) -> Corpus:
-    if not path.exists():
-        raise DataError(f"text data {str(path)!r} is neither a built-in name ({', '.join(BUILTIN)}) nor an existing path")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise DataError(f"{path} holds no .txt files")
-    counter = [0]
-    docs, labels, classes = [], [], []
-    # class = first-level sub-folder when every file sits in one (a labelled folder for the probe)
-    parts = [f.relative_to(path).parts for f in files] if path.is_dir() else []
-    labelled = bool(parts) and all(len(p) >= 2 for p in parts)
-    if labelled:
-        classes = sorted({p[0] for p in parts})
-    for i, f in enumerate(files):
-        text = _decode(f, skip_bad_files, counter)
-        found = [line for line in text.splitlines() if line.strip()] if doc_per_line else [text] if text.strip() else []
-        docs += found
-        if labelled:
-            labels += [classes.index(parts[i][0])] * len(found)
-    return Corpus(docs, np.asarray(labels) if labelled else None, classes, counter[0])
+def open_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = False):
+    """A streamed corpus (TextFiles) for a path or fortunes, an in-memory Corpus for pydoc."""
+    if source == "pydoc":
+        return _pydoc()
+    if source == "fortunes":
+        files = fortune_files()
+        return TextFiles(from_names("folder", str(files[0].parent), [f.name for f in files]), False, skip_bad_files,
+                         fortune=True)
+    return TextFiles(_text_samples(source), doc_per_line, skip_bad_files)
 
 
 def read_corpus(source: str, doc_per_line: bool = False, skip_bad_files: bool = False) -> Corpus:
-    """The documents of a built-in name or a path; an empty corpus is an error."""
-    if source == "pydoc":
-        corpus = _pydoc()
-    elif source == "fortunes":
-        corpus = _fortunes(skip_bad_files)
+    """The documents of a built-in name or a path, in memory, with labels where the source has them (for the
+    probe and small sets; pretraining streams with open_corpus). An empty corpus is an error."""
+    stream = open_corpus(source, doc_per_line, skip_bad_files)
+    if isinstance(stream, Corpus):
+        corpus = stream
     else:
-        corpus = _path(Path(source), doc_per_line, skip_bad_files)
+        good = stream.usable()
+        names = [stream.samples.name(i) for i in good]
+        by_file, classes = (np.arange(len(good)), []) if stream.fortune else labels_from_names(names)
+        docs, labels = [], []
+        for n, i in enumerate(good):
+            found = [text for text, _, _ in stream.pieces([i])]
+            if stream.fortune and not found:
+                continue
+            docs += found
+            if stream.fortune:
+                labels += [len(classes)] * len(found)
+                classes.append(names[n])
+            elif by_file is not None:
+                labels += [int(by_file[n])] * len(found)
+        corpus = Corpus(docs, np.asarray(labels) if by_file is not None else None, classes, stream.skipped)
     if not any(d.strip() for d in corpus.docs):
         raise DataError(f"text data {source!r} holds no text")
     return corpus
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(docs: list[str], vocab_size: int):
-    """Byte-level BPE (the tokenizers package) trained on `docs`; deterministic for a given corpus.
+TOKENIZER_TRAIN_BYTES = 256 << 20  # BPE merges are learnt from the corpus's first 256 MB (memory stays bounded)
+
+
+def train_tokenizer(docs, vocab_size: int):
+    """Byte-level BPE (the tokenizers package) trained on `docs` (a list or an iterator of strings); deterministic
+    for a given corpus.
 
     encode(s) adds <s> ... </s>; decode(encode(s).ids) == s for any text (bytes, not characters, are the alphabet).
     """
@@ -138,7 +263,7 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok.post_processor = processors.RobertaProcessing(("</s>", EOS_ID), ("<s>", BOS_ID), add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docs, trainer, length=len(docs))
+    tok.train_from_iterator(docs, trainer, length=len(docs) if isinstance(docs, list) else None)
     return tok
 
 
@@ -149,10 +274,39 @@ def tokenizer_sha256(tok) -> str:
 def load_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
+    path = expand(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:
-        raise DataError(f"cannot read tokenizer {path}: {exc}") from None
+        raise DataError(f"cannot read tokenizer {path}: {str(exc).strip() or type(exc).__name__}") from None
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    pad: int
+    eos: int
+    unk: int
+    mask: int
+
+    @property
+    def all(self) -> np.ndarray:
+        return np.array([self.bos, self.pad, self.eos, self.unk, self.mask])
+
+    @property
+    def first_plain(self) -> int:
+        """Random replacement tokens are drawn from this id up (the specials that lead the vocabulary excluded)."""
+        return max(i for i in self.all.tolist() if i < len(SPECIAL_TOKENS)) + 1
+
+
+def special_ids(tok, where: str = "the tokenizer") -> SpecialIds:
+    """Ids of RoBERTa's special tokens in a tokenizer; a DataError names any it lacks."""
+    ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise DataError(f"{where} has no {', '.join(missing)} token(s); d2v needs RoBERTa's special tokens "
+                        f"{' '.join(SPECIAL_TOKENS)} (a RoBERTa or d2v tokenizer.json)")
+    return SpecialIds(ids["<s>"], ids["<pad>"], ids["</s>"], ids["<unk>"], ids["<mask>"])
 
 
 def tokenize(tok, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,22 +314,136 @@ def tokenize(tok, texts: list[str], max_length: int) -> tuple[torch.Tensor, torc
     attention mask (B, T) int64, 1 at real tokens (transformers' convention)."""
     if not texts:
         raise ValueError("no texts to tokenize")
-    encodings = tok.encode_batch(list(texts))
-    rows = [e.ids[: max_length - 1] + [EOS_ID] if len(e.ids) > max_length else e.ids for e in encodings]
+    sp = special_ids(tok)
+    rows = [[sp.bos] + e.ids + [sp.eos] for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    rows = [r[: max_length - 1] + [sp.eos] if len(r) > max_length else r for r in rows]
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(rows), T), sp.pad, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids, ids.ne(PAD_ID).long()
+    return ids, ids.ne(sp.pad).long()
+
+
+def token_chunks(tok, pieces, batch_bytes: int = 256 << 10):
+    """int64 id arrays for a stream of (text, starts_document, ends_document): <s> document </s>, in order."""
+    sp = special_ids(tok)
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # ids without offsets: less memory
+    batch, size = [], 0
+
+    def encode(batch):
+        out = []
+        encodings = encode_batch([b[0] for b in batch], add_special_tokens=False)
+        for (text, first, last), enc in zip(batch, encodings):
+            out.append(np.asarray(([sp.bos] if first else []) + enc.ids + ([sp.eos] if last else []), dtype=np.int64))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    for item in pieces:
+        batch.append(item)
+        size += len(item[0])
+        if size >= batch_bytes:
+            yield encode(batch)
+            batch, size = [], 0
+    if batch:
+        yield encode(batch)
 
 
 def pack(tok, docs: list[str], length: int) -> torch.Tensor:
     """<s> doc </s> for every document, concatenated and cut into blocks (N, length); the last block padded."""
-    ids = np.fromiter((i for e in tok.encode_batch(docs) for i in e.ids), dtype=np.int64)
-    n = -(-ids.size // length)
-    blocks = np.full(n * length, PAD_ID, dtype=np.int64)
-    blocks[: ids.size] = ids
-    return torch.from_numpy(blocks.reshape(n, length))
+    ids = np.concatenate(list(token_chunks(tok, ((d, True, True) for d in docs))))
+    return torch.from_numpy(TokenBlocks.from_array(ids, length, special_ids(tok).pad).blocks(np.arange(
+        -(-ids.size // length))))
+
+
+# -------------------------------------------------------------------------------------------- token cache
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_tokenizer(corpus, corpus_sha: str, vocab_size: int):
+    """The BPE trained on a corpus, from the cache or trained now (on its first TOKENIZER_TRAIN_BYTES)."""
+    from tokenizers import Tokenizer
+
+    path = cache_dir() / "text" / f"tokenizer-{corpus_sha[:32]}-{vocab_size}.json"
+    if path.exists():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:
+            pass  # a damaged cache entry is rebuilt
+
+    def texts():
+        seen = 0
+        for text, _, _ in corpus.pieces():
+            yield text
+            seen += len(text)
+            if seen >= TOKENIZER_TRAIN_BYTES:
+                return
+
+    tok = train_tokenizer(texts(), vocab_size)
+    try:
+        _atomic_write(path, lambda f: f.write(tok.to_str().encode()))
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return tok
+
+
+class TokenBlocks:
+    """A tokenized corpus as one flat file of uint16 (vocabularies up to 65,536) or uint32 ids, read as blocks of
+    `length` tokens: block i = ids[i * length: (i + 1) * length], the last one padded. Each read maps the file
+    anew, so no pages stay mapped between batches and the process's memory does not grow with the corpus."""
+
+    def __init__(self, path: Path | None, dtype, count: int, length: int, pad_id: int, array: np.ndarray | None = None):
+        self.path, self.dtype, self.count, self.length, self.pad_id = path, np.dtype(dtype), count, length, pad_id
+        self.array = array
+
+    @classmethod
+    def from_array(cls, ids: np.ndarray, length: int, pad_id: int) -> "TokenBlocks":
+        return cls(None, ids.dtype, ids.size, length, pad_id, ids)
+
+    def __len__(self) -> int:
+        return -(-self.count // self.length)
+
+    def blocks(self, indices) -> np.ndarray:
+        """(len(indices), length) int64."""
+        ids = self.array if self.array is not None else np.memmap(self.path, dtype=self.dtype, mode="r",
+                                                                  shape=(self.count,))
+        out = np.full((len(indices), self.length), self.pad_id, dtype=np.int64)
+        for r, b in enumerate(np.asarray(indices).tolist()):
+            piece = ids[b * self.length: (b + 1) * self.length]
+            out[r, : piece.size] = piece
+        del ids
+        return out
+
+
+def cached_tokens(corpus, corpus_sha: str, tok, length: int) -> TokenBlocks:
+    """The corpus tokenized once into the cache (keyed by corpus and tokenizer), streamed in pieces."""
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    key = hashlib.sha256(f"{corpus_sha}{tokenizer_sha256(tok)}".encode()).hexdigest()[:32]
+    path = cache_dir() / "text" / f"tokens-{key}.{np.dtype(dtype).name}"
+    pad = special_ids(tok).pad
+    if not path.exists():
+        def write(f):
+            for chunk in token_chunks(tok, corpus.pieces()):
+                chunk.astype(dtype).tofile(f)
+
+        try:
+            _atomic_write(path, write)
+        except OSError as exc:
+            raise DataError(f"cannot write the tokenized corpus to {path.parent} ({exc}); set D2V_CACHE_DIR to a "
+                            f"writable folder") from None
+    count = path.stat().st_size // np.dtype(dtype).itemsize
+    if count == 0:
+        raise DataError("the text data holds no text")
+    return TokenBlocks(path, dtype, count, length, pad)
 
 
 # ----------------------------------------------------------------------------------------- probe datasets
@@ -205,7 +473,8 @@ def load_labelled_text(source: str, split: str, tokenizer, max_length: int) -> L
         raise DataError("pydoc has no labels; probe text on fortunes or a folder with one sub-folder per class")
     corpus = read_corpus(source)
     if corpus.labels is None:
-        raise DataError(f"{source} has no labels (use fortunes or a folder with one sub-folder per class of .txt files)")
+        raise DataError(f"{source} has no labels (use fortunes or a folder with one sub-folder per class of .txt "
+                        f"files)")
     counts = np.bincount(corpus.labels, minlength=len(corpus.classes))
     min_count = MIN_CATEGORY if source == "fortunes" else 2
     keep = np.flatnonzero(counts[corpus.labels] >= min_count)
@@ -223,7 +492,9 @@ def load_labelled_text(source: str, split: str, tokenizer, max_length: int) -> L
 class TextPipeline:
     """Packed token blocks with BERT (or span) masking; micro-batch k is the same for a given seed.
 
-    The teacher gets the full ids (Batch.inputs), the student the corrupted ids (Batch.student_inputs).
+    The corpus is tokenized once into a cached token file and read block by block, so memory stays flat however
+    large the corpus. The teacher gets the full ids (Batch.inputs), the student the corrupted ids
+    (Batch.student_inputs).
     """
 
     def __init__(self, cfg):
@@ -233,19 +504,24 @@ class TextPipeline:
             raise ConfigError(f"mask kind {cfg.mask.kind!r} is not available for text; use 'bert' or 'span'")
         if not 0 <= cfg.mask.random_token + cfg.mask.unchanged <= 1:
             raise ConfigError("mask.random_token + mask.unchanged must be between 0 and 1")
-        corpus = read_corpus(d.source, d.doc_per_line, d.skip_bad_files)
-        self.skipped = corpus.skipped
-        self.tokenizer = train_tokenizer(corpus.docs, d.vocab_size)
+        corpus = open_corpus(d.source, d.doc_per_line, d.skip_bad_files)
+        corpus_sha = corpus.fingerprint()
+        if d.tokenizer:
+            self.tokenizer = load_tokenizer(d.tokenizer)
+        else:
+            self.tokenizer = cached_tokenizer(corpus, corpus_sha, d.vocab_size)
+        self.special = special_ids(self.tokenizer, d.tokenizer or "the tokenizer")
         digest = tokenizer_sha256(self.tokenizer)
         if m.tokenizer_sha256 and m.tokenizer_sha256 != digest:
             raise ConfigError("the text data gives a different tokenizer than the one this run was trained with; "
-                              "resume with the same corpus and --vocab-size")
+                              "resume with the same corpus and --vocab-size (or --tokenizer)")
         vocab = self.tokenizer.get_vocab_size()
         if m.vocab_size and m.vocab_size != vocab:
             raise ConfigError(f"the model expects a vocabulary of {m.vocab_size} but the tokenizer has {vocab}; "
                               f"leave model.vocab_size at 0 to take it from the tokenizer")
-        m.vocab_size, m.tokenizer_sha256, m.pad_id, m.mask_id = vocab, digest, PAD_ID, MASK_ID
-        self.blocks = pack(self.tokenizer, corpus.docs, m.max_length)  # (N, max_length)
+        m.vocab_size, m.tokenizer_sha256, m.pad_id, m.mask_id = vocab, digest, self.special.pad, self.special.mask
+        self.blocks = cached_tokens(corpus, corpus_sha, self.tokenizer, m.max_length)
+        self.skipped = getattr(corpus, "skipped", 0)
         self.order = SampleOrder(len(self.blocks), cfg.run.seed)
 
     def run_files(self) -> dict[str, bytes]:
@@ -255,17 +531,17 @@ class TextPipeline:
     def micro_batch(self, first: int, count: int) -> Batch:
         """The blocks at global sample positions first .. first + count - 1; each block's mask and corruption come
         from its own position's generator, so they do not depend on the rest of the micro-batch."""
-        mc = self.cfg.mask
-        ids = self.blocks[self.order.indices(first, count)].numpy()  # (B, T)
-        maskable = ids >= len(SPECIAL_TOKENS)  # never <s>, </s>, <pad>
+        mc, sp = self.cfg.mask, self.special
+        ids = self.blocks.blocks(self.order.indices(first, count).numpy())  # (B, T) int64
+        maskable = ~np.isin(ids, sp.all)  # never <s>, </s>, <pad>
         span = mc.span_length if mc.kind == "span" else 1
-        vocab = (len(SPECIAL_TOKENS), self.cfg.model.vocab_size)
+        vocab = (sp.first_plain, self.cfg.model.vocab_size)
         mask, student = np.zeros(ids.shape, dtype=bool), ids.copy()
         for b, rng in enumerate(sample_rngs(self.cfg.run.seed, 1, first, count)):
             mask[b : b + 1] = token_masks(maskable[b : b + 1], mc.ratio, rng, span)
-            student[b : b + 1] = bert_corrupt(ids[b : b + 1], mask[b : b + 1], rng, MASK_ID, vocab, mc.random_token,
+            student[b : b + 1] = bert_corrupt(ids[b : b + 1], mask[b : b + 1], rng, sp.mask, vocab, mc.random_token,
                                               mc.unchanged)
-        padding = ids == PAD_ID
+        padding = ids == sp.pad
         return Batch(inputs=torch.from_numpy(ids), mask=torch.from_numpy(mask),
                      student_inputs=torch.from_numpy(student),
                      padding_mask=torch.from_numpy(padding) if padding.any() else None)

@@ -1,15 +1,16 @@
-"""Image data: the built-in sets (scikit-learn digits, Debian's Fashion-MNIST), a folder of images, a .npy/.npz
-array. Every dataset yields float images (C, H, W) in [0, 1]; labels where the source has them."""
+"""Image data: the built-in sets (scikit-learn digits, Debian's Fashion-MNIST), a folder of images, tar shards, a
+.npy/.npz array. Every dataset yields float images (C, H, W) in [0, 1]; labels where the source has them."""
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from d2v.data.labels import labels_from_subfolders
+from d2v.data.imagedecode import GRAY_MODES, center_box, decode, header, random_resized_box
+from d2v.data.labels import labels_from_names
+from d2v.data.sources import SampleList, expand, list_source
 from d2v.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -44,45 +45,78 @@ class ArrayImages(torch.utils.data.Dataset):
         return ArrayImages(self.images.numpy()[indices], labels, self.name)
 
 
-class FolderImages(torch.utils.data.Dataset):
-    """A folder of image files, decoded lazily; class = first-level sub-folder when every image is in one."""
+class FileImages(torch.utils.data.Dataset):
+    """Image files (a folder or tar shards), listed but not decoded: a file is read when a batch needs it.
 
-    def __init__(self, root: Path, files: list[Path], labels: np.ndarray | None, classes: list[str],
-                 mode: str, size: int, skipped: int):
-        self.root, self.files, self.classes, self.mode, self.size = root, files, classes, mode, size
+    get_batch gives the evaluation view (shorter side to `size`, centre crop) as float in [0, 1]; train_batch the
+    training view (random resized crop of the original, optional flip) as uint8, for DataLoader workers. A file that
+    cannot be decoded raises a DataError naming it, or with skip_bad_files is counted and replaced by the next
+    readable sample (so a batch keeps its size and the run stays deterministic).
+    """
+
+    def __init__(self, samples: SampleList, labels: np.ndarray | None, classes: list[str], channels: int, size: int,
+                 skip_bad_files: bool):
+        self.samples, self.classes, self.channels, self.size = samples, classes, channels, size
         self.labels = None if labels is None else torch.from_numpy(labels).long()
-        self.name = str(root)
-        self.skipped = skipped
+        self.skip_bad_files = skip_bad_files
+        self.name = samples.root
+        self.bad: set[int] = set()  # indices found unreadable in this process
+        self.decodes = 0  # files decoded in this process (tests check laziness with it)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (1 if self.mode == "L" else 3, self.size, self.size)
+        return (self.channels, self.size, self.size)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.samples)
+
+    def _decode(self, i: int, box_for, flip: bool = False) -> np.ndarray | None:
+        """Sample i decoded, or None when it is unreadable and bad files are skipped."""
+        if i in self.bad:
+            return None
+        self.decodes += 1
+        try:
+            return decode(self.samples.open(i), self.channels, self.size, box_for, flip)
+        except Exception as exc:
+            if not self.skip_bad_files:
+                why = str(exc).strip() or type(exc).__name__
+                raise DataError(f"cannot decode image {self.samples.where(i)} ({why}); "
+                                f"remove it or pass --skip-bad-files") from None
+            self.bad.add(i)
+            return None
+
+    def _first_readable(self, i: int, box_for, flip: bool = False) -> np.ndarray:
+        n = len(self)
+        for j in range(n):
+            arr = self._decode((i + j) % n, box_for, flip)
+            if arr is not None:
+                return arr
+        raise DataError(f"none of the {n} images of {self.name} could be decoded")
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        return torch.from_numpy(self._first_readable(int(i), center_box)).float() / 255.0
 
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                im = im.convert(self.mode)
-                if im.size != (self.size, self.size):
-                    im = im.resize((self.size, self.size), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
-        except Exception as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(arr.copy()).float() / 255.0
-
-    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+    def get_batch(self, indices) -> torch.Tensor:
+        """(B, C, S, S) float in [0, 1]: the evaluation view."""
         return torch.stack([self[int(i)] for i in indices])
 
-    def subset(self, indices: np.ndarray) -> "FolderImages":
+    def train_batch(self, indices, scale: tuple[float, float], hflip: bool, rngs) -> torch.Tensor:
+        """(B, C, S, S) uint8: a random resized crop of each original image (and a flip), one rng per sample."""
+        out = []
+        for i, rng in zip(indices, rngs):
+            box_for = (lambda w, h, rng=rng: random_resized_box(w, h, scale, rng))
+            flip = bool(hflip and rng.random() < 0.5)
+            out.append(self._first_readable(int(i), box_for, flip))
+        return torch.from_numpy(np.stack(out))
+
+    def subset(self, indices: np.ndarray) -> "FileImages":
         labels = None if self.labels is None else self.labels.numpy()[indices]
-        return FolderImages(self.root, [self.files[i] for i in indices], labels, self.classes, self.mode,
-                            self.size, self.skipped)
+        return FileImages(self.samples.subset(indices), labels, self.classes, self.channels, self.size,
+                          self.skip_bad_files)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +188,6 @@ def _to_uint8_nchw(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim != 4 or arr.shape[1] not in (1, 3) or arr.shape[0] == 0:
         raise DataError(f"{path} must hold images shaped (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, "
                         f"got {arr.shape}")
-    if arr.shape[2] != arr.shape[3]:
-        raise DataError(f"{path} holds {arr.shape[2]}x{arr.shape[3]} images; d2v needs square images")
     if arr.dtype == np.uint8:
         return arr
     arr = arr.astype(np.float32)
@@ -168,40 +200,51 @@ def _to_uint8_nchw(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr.round().astype(np.uint8)
 
 
-def _scan_folder(root: Path, image_size: int, skip_bad_files: bool) -> FolderImages:
-    from PIL import Image
+FILE_STATS_IMAGES = 256  # images decoded before the first step of a file dataset, for its pixel mean and std
+HEADER_SAMPLE = 64  # headers read (not decoded) to choose the channels and the size of a folder's images
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
-    good, sizes, modes, skipped = [], [], [], 0
-    for path in files:
+
+def _scan_files(samples: SampleList, image_size: int, skip_bad_files: bool) -> FileImages:
+    """A dataset over listed image files; only a few evenly spread headers are read, to choose channels (grayscale
+    when every one read is) and, without --image-size, the common square size."""
+    n = len(samples)
+    picks = np.unique(np.linspace(0, n - 1, min(n, HEADER_SAMPLE)).round().astype(np.int64))
+    sizes, modes, bad = [], [], set()
+    for i in picks:
         try:
-            with Image.open(path) as im:
-                im.verify()  # checks the file's structure without decoding all pixels
-            with Image.open(path) as im:
-                sizes.append(im.size)
-                modes.append(im.mode)
-            good.append(path)
+            size, mode = header(samples.open(int(i)))
         except Exception as exc:
             if not skip_bad_files:
-                raise DataError(f"cannot read image {path} ({exc}); remove it or pass --skip-bad-files") from None
-            skipped += 1
-    if not good:
-        raise DataError(f"none of the {len(files)} image files under {root} could be read")
+                why = str(exc).strip() or type(exc).__name__
+                raise DataError(f"cannot read image {samples.where(int(i))} ({why}); "
+                                f"remove it or pass --skip-bad-files") from None
+            bad.add(int(i))
+            continue
+        sizes.append(size)
+        modes.append(mode)
+    if not sizes:
+        raise DataError(f"none of the {len(picks)} image files read from {samples.root} could be opened")
     if image_size <= 0:
         if len(set(sizes)) > 1 or sizes[0][0] != sizes[0][1]:
-            raise DataError(f"images under {root} are not all square and of one size; pass --image-size N to resize them")
+            raise DataError(f"images in {samples.root} are not all square and of one size; pass --image-size N "
+                            f"to crop and resize them")
         image_size = sizes[0][0]
-    mode = "L" if all(m in ("L", "1", "I", "I;16", "F") for m in modes) else "RGB"
-    labels, classes = labels_from_subfolders(root, good)
-    return FolderImages(root, good, labels, classes, mode, image_size, skipped)
+    channels = 1 if all(m in GRAY_MODES for m in modes) else 3
+    labels, classes = labels_from_names(samples.names())
+    ds = FileImages(samples, labels, classes, channels, image_size, skip_bad_files)
+    ds.bad |= bad
+    return ds
 
 
-def _resize_array(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, C, h, w) -> (N, C, size, size), in chunks so that memory peaks at the output; an output that
-    cannot fit in RAM is refused with its size."""
-    if size <= 0 or images.shape[-1] == size:
+def _resize_array(images: np.ndarray, size: int, path) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, C, size, size): shorter side to size, then a centre crop (never a stretch); in chunks
+    so that memory peaks at the output; an output that cannot fit in RAM is refused with its size."""
+    h, w = images.shape[-2:]
+    if size <= 0:
+        if h != w:
+            raise DataError(f"{path} holds {h}x{w} images; pass --image-size N to crop and resize them to N x N")
+        return images
+    if (h, w) == (size, size):
         return images
     from d2v.validation import available_bytes
 
@@ -210,48 +253,53 @@ def _resize_array(images: np.ndarray, size: int) -> np.ndarray:
     if have and need > have // 2:
         raise DataError(f"resizing {n} images to {size}x{size} px needs {need / 2**30:.1f} GiB in memory but this "
                         f"machine has {have / 2**30:.1f} GiB; choose a smaller --image-size")
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
     out = np.empty((n, c, size, size), dtype=np.uint8)
-    chunk = max(1, (64 << 20) // max(1, c * (size * size + images.shape[-1] * images.shape[-2]) * 4))
+    chunk = max(1, (64 << 20) // max(1, c * (size * size + s * s) * 4))
     for i in range(0, n, chunk):
-        t = torch.from_numpy(images[i:i + chunk]).float()
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        t = torch.from_numpy(images[i:i + chunk, :, top: top + s, left: left + s]).float()
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         out[i:i + chunk] = t.round().clamp(0, 255).to(torch.uint8).numpy()
     return out
 
 
 def load_images(source: str, split: str = "train", image_size: int = 0, skip_bad_files: bool = False,
-                test_fraction: float = 0.3):
-    """A dataset of float images in [0, 1] from a built-in name or a path; split is 'train', 'test' or 'all'."""
+                test_fraction: float = 0.3, run_dir: Path | None = None):
+    """A dataset of images from a built-in name, a folder, tar shards or a .npy/.npz array; split is 'train',
+    'test' or 'all'. Files are listed, not decoded (run_dir: reuse the run's saved list)."""
     if source == "digits":
         images, labels = _digits()
         idx = _split_indices(labels, len(labels), split, test_fraction)
-        return ArrayImages(_resize_array(images[idx], image_size), labels[idx], "digits")
+        return ArrayImages(_resize_array(images[idx], image_size, source), labels[idx], "digits")
     if source == "fashion-mnist":
         if split == "all":
             parts = [_fashion_mnist("train"), _fashion_mnist("test")]
             images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         else:
             images, labels = _fashion_mnist(split)
-        return ArrayImages(_resize_array(images, image_size), labels, "fashion-mnist")
-    path = Path(os.path.expanduser(source))
-    if not path.exists():
-        raise DataError(f"data {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing path")
-    if path.is_dir():
-        ds = _scan_folder(path, image_size, skip_bad_files)
-        labels = None if ds.labels is None else ds.labels.numpy()
+        return ArrayImages(_resize_array(images, image_size, source), labels, "fashion-mnist")
+    path = expand(source)
+    if path.is_file() and path.suffix in (".npy", ".npz"):
+        arr, labels = _load_array(path)
+        images = _resize_array(_to_uint8_nchw(np.asarray(arr), path), image_size, path)
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
+        ds = ArrayImages(images, labels, str(path))
         return ds.subset(_split_indices(labels, len(ds), split, 0.2))
-    if path.suffix not in (".npy", ".npz"):
-        raise DataError(f"{path} is not a folder of images or a .npy/.npz array")
-    arr, labels = _load_array(path)
-    images = _resize_array(_to_uint8_nchw(np.asarray(arr), path), image_size)
-    if labels is not None and len(labels) != len(images):
-        raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
-    ds = ArrayImages(images, labels, str(path))
-    return ds.subset(_split_indices(labels, len(ds), split, 0.2))
+    if not path.exists() and "{" not in source:
+        raise DataError(f"data {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing path")
+    samples = list_source(source, IMAGE_SUFFIXES, "images", run_dir)
+    ds = _scan_files(samples, image_size, skip_bad_files)
+    labels = None if ds.labels is None else ds.labels.numpy()
+    return ds if split == "all" else ds.subset(_split_indices(labels, len(ds), split, 0.2))
 
 
 def pixel_stats(ds, max_images: int = 2000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of (up to max_images of) a dataset, for the encoder's own normalization."""
+    """Per-channel mean and std of (up to max_images of) a dataset, for the encoder's own normalization; files are
+    decoded for it, so a file dataset reads at most FILE_STATS_IMAGES of them before the first step."""
+    if isinstance(ds, FileImages):
+        max_images = min(max_images, FILE_STATS_IMAGES)
     n = min(len(ds), max_images)
     idx = torch.linspace(0, len(ds) - 1, n).long()
     x = ds.get_batch(idx).double()  # (n, C, H, W)

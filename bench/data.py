@@ -1,0 +1,111 @@
+"""Data benchmark: how fast a modality's pipeline delivers micro-batches, beside how fast the model consumes them.
+
+For a source (built-in name, folder, tar shards, TSV manifest) the pipeline is built as `d2v pretrain` builds it
+(listing, headers, tokenizing or their caches), then `batches` micro-batches are drawn through the same DataLoader
+(workers included). Reported: setup seconds (listing to pipeline ready), time to the first batch, loader samples/s
+over the remaining batches, and optionally the training step's samples/s on the same batch (forward + backward of
+the data2vec objective), so a user can see whether data or compute bounds a run. Peak RSS is this process's (the
+workers are separate processes)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def source_kind(source: str) -> str:
+    from d2v.data.sources import expand, shard_paths
+
+    if shard_paths(source) is not None:
+        return "shards"
+    path = expand(source)
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return {".tsv": "tsv", ".npy": "array", ".npz": "array"}.get(path.suffix, "file")
+    return "built-in"
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def run(modality: str, source: str | None = None, preset: str | None = None, batches: int = 20,
+        batch_size: int | None = None, num_workers: int = -1, image_size: int | None = None,
+        model_steps: int = 0, device: str = "cpu", overrides: dict | None = None) -> dict:
+    """Time the pipeline of `modality` on `source`; returns a JSON-able row."""
+    from d2v.config import set_by_path
+    from d2v.data.loader import batch_loader, resolve_workers
+    from d2v.data.pipeline import build_pipeline
+    from d2v.presets import preset_config
+
+    cfg = preset_config(modality, preset)
+    if source is not None:
+        cfg.data.source = source
+    if batch_size:
+        cfg.run.batch_size = batch_size
+    if image_size:
+        cfg.data.image_size, cfg.model.image_size = image_size, 0
+    cfg.data.num_workers = num_workers
+    for key, value in (overrides or {}).items():
+        set_by_path(cfg, key, value)
+    t0 = time.perf_counter()
+    pipeline = build_pipeline(cfg)
+    t_setup = time.perf_counter() - t0
+    workers = resolve_workers(num_workers, pipeline)
+    from d2v.distributed import batch_plan
+
+    loader = batch_loader(pipeline, batch_plan(cfg.run.batch_size, 1, 1), 0, batches, num_workers)
+    _, first = next(loader)
+    t_first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = 0
+    for _ in loader:
+        n += 1
+    t_rest = time.perf_counter() - t1
+    B = cfg.run.batch_size
+    row = {
+        "modality": modality, "source": cfg.data.source, "source_kind": source_kind(cfg.data.source),
+        "batch_size": B, "batches": batches, "num_workers": workers, "setup_s": t_setup,
+        "first_batch_s": t_first, "loader_samples_per_s": n * B / t_rest if n else None,
+        "skipped_files": pipeline.skipped, "peak_rss_mb": peak_rss_mb(), "step_samples_per_s": None,
+    }
+    if model_steps:
+        row["step_samples_per_s"] = _step_rate(cfg, pipeline, first, model_steps, torch.device(device))
+    return row
+
+
+def _step_rate(cfg, pipeline, batch, steps: int, device: torch.device) -> float:
+    """Samples/s of forward + backward of the objective on one batch (the data cost excluded)."""
+    from d2v.models import build_encoder
+    from d2v.objective import Data2Vec
+
+    torch.manual_seed(0)
+    model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device).train()
+    batch = pipeline.on_device(batch.to(device), 0)
+    loss, _ = model(batch)
+    loss.backward()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = model(batch)
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * cfg.run.batch_size / (time.perf_counter() - t)
+
+
+def meta() -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "torch": torch.__version__, "cwd": str(Path.cwd())}
