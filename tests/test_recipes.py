@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,45 @@ def test_regression_head_gets_the_model_init():
     cfg.targets.top_k = 1
     head = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema).head
     assert head.weight.abs().max() <= 0.02 + 1e-7 and torch.all(head.bias == 0)
+
+
+def test_text_loss_only_where_the_input_shows_mask():
+    from d2v.masking import bert_corrupt, token_masks
+    from d2v.models import build_encoder
+    from d2v.objective import Batch, Data2Vec
+
+    cfg = preset_config("text", "tiny")
+    cfg.model.vocab_size, cfg.model.depth, cfg.targets.top_k = 300, 2, 1
+    model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 300, size=(8, 32))
+    mask = token_masks(np.ones_like(ids, dtype=bool), 0.3, rng)
+    student = bert_corrupt(ids, mask, rng, cfg.model.mask_id, (5, 300), 0.2, 0.2)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(student))
+    shows_mask = (mask & (student == cfg.model.mask_id)).sum()
+    assert 0 < shows_mask < mask.sum()
+    assert model(batch)[1]["masked"].item() == shows_mask
+    model.targets_cfg.loss_on = "masked"
+    assert model(batch)[1]["masked"].item() == mask.sum()
+
+
+def test_speech_teacher_reuses_the_student_front_end_with_the_same_values():
+    from d2v.models import build_encoder
+    from d2v.objective import Batch, Data2Vec
+
+    cfg = preset_config("speech", "tiny")
+    cfg.model.dropout = cfg.model.attention_dropout = cfg.model.layerdrop = 0.0
+    torch.manual_seed(0)
+    model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema).train()
+    assert model.reuse_features
+    wave = torch.randn(2, 8000)
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[:, 3:13] = True
+    calls = []
+    hook = model.teacher.feature_extractor.register_forward_hook(lambda *a: calls.append(1))
+    reused = model(Batch(wave, mask))[0]
+    assert not calls  # the teacher ran no conv pass of its own
+    model.reuse_features = False
+    recomputed = model(Batch(wave, mask))[0]
+    hook.remove()
+    assert calls and torch.equal(reused, recomputed)
