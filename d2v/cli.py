@@ -305,6 +305,19 @@ def _check_writable_file(path: Path, what: str) -> None:
 
 
 @app.command()
+@user_errors
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write. Default: RUN_DIR/metrics.png."),
+):
+    """Draw loss, learning rate, EMA tau, target/prediction std (and logged accuracies) against steps."""
+    from d2v.plot import plot_run
+
+    path = plot_run(run_dir, out)
+    console.print(f"Wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def env():
     """Versions, devices and the available op backends."""
     import platform

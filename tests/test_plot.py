@@ -1,0 +1,53 @@
+"""`d2v plot`: a PNG of a run's curves from metrics.jsonl; a clear error without matplotlib or metrics."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from d2v.cli import app
+
+runner = CliRunner()
+
+
+def _run_dir(tmp_path, lines):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(lines))
+    return run
+
+
+def test_plot_writes_a_png_with_every_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "tau": 0.99, "target_std": 1.0, "pred_std": 0.5,
+                "knn_top1": 0.1 * (s % 10)} for s in range(1, 30)]
+    run = _run_dir(tmp_path, [json.dumps(r) + "\n" for r in records] + ['{"step": 30, "lo'])  # cut last line
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    png = (run / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image
+
+    assert Image.open(run / "metrics.png").size[1] > Image.open(run / "metrics.png").size[0]  # 5 stacked panels
+    result = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 0 and (tmp_path / "x.png").exists()
+
+
+def test_plot_errors_are_one_sentence(tmp_path, monkeypatch):
+    result = runner.invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output
+    run = _run_dir(tmp_path, ["garbage\n"])
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 2 and "holds no metrics" in result.output
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 2 and "pip install 'd2v[plot]'" in result.output, result.output
