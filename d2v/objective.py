@@ -82,6 +82,7 @@ class Data2Vec(nn.Module):
         # front-end parameter: then both compute the same values.
         front = tuple(getattr(encoder, "front_end", ()))
         self.reuse_features = bool(front) and all(any(p.startswith(s) for s in ema.shared) for p in front)
+        self.mask_id = getattr(getattr(encoder, "cfg", None), "mask_id", None)  # text: the <mask> token id
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,8 +134,8 @@ class Data2Vec(nn.Module):
                 layers, cfg.norm, cfg.final_norm, padding_mask=t_out.padding_mask, eps=cfg.eps, backend=self.backend
             )  # (B, T, D) fp32
         mask = batch.mask if out.padding_mask is None else batch.mask & ~out.padding_mask
-        if batch.student_inputs is not None and cfg.loss_on == "mask_token":
-            mask = mask & (batch.student_inputs == self.student.cfg.mask_id)  # not the random / unchanged ones
+        if batch.student_inputs is not None and self.mask_id is not None and cfg.loss_on == "mask_token":
+            mask = mask & (batch.student_inputs == self.mask_id)  # not the random / unchanged ones
         loss = ops.masked_regression_loss(
             pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend
         )
