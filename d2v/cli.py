@@ -106,6 +106,12 @@ def pretrain(
     num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes preparing batches."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (counted) instead of stopping."),
     set_: List[str] = typer.Option([], "--set", help="Override any config field: --set optim.weight_decay=0.01 (repeatable)."),
+    eval_data: Optional[str] = typer.Option(None, help="Labelled set for a live k-NN monitor of the student and "
+                                            "the teacher (built-ins: their test split), logged to metrics.jsonl."),
+    eval_every: Optional[int] = typer.Option(None, help="Updates between k-NN evaluations (default: ten per run)."),
+    log: Optional[str] = typer.Option(None, help="'tensorboard': also write TensorBoard events to RUN/tb."),
+    init_from: Optional[str] = typer.Option(None, help="Start from an encoder: a d2v export or run, or a "
+                                            "transformers Data2Vec*Model directory (its layout is kept)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the fully resolved config and exit."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress (a bar on a terminal, "
                                   "plain lines otherwise)."),
@@ -125,6 +131,7 @@ def pretrain(
         "run.seed": seed, "run.checkpoint_every": checkpoint_every, "data.num_workers": num_workers,
         "data.skip_bad_files": True if skip_bad_files else None,
         "data.vocab_size": vocab_size, "data.doc_per_line": True if doc_per_line else None,
+        "run.eval_data": eval_data, "run.eval_every": eval_every, "run.log": log, "run.init_from": init_from,
     }
     for item in set_:
         if "=" not in item:
@@ -144,11 +151,17 @@ def pretrain(
         for key, value in given.items():
             set_by_path(cfg, key, value)
         cfg.data.source = _resolve_source(cfg.data.source)
+        cfg.run.eval_data = _resolve_source(cfg.run.eval_data) if cfg.run.eval_data else ""
+        cfg.run.init_from = _resolve_source(cfg.run.init_from) if cfg.run.init_from else ""
     validate(cfg, memory=not dry_run)
     if dry_run:
         from d2v.data.pipeline import build_pipeline
         from d2v.validation import memory_problem
 
+        if cfg.run.init_from:
+            from d2v.train import adopt_layout
+
+            adopt_layout(cfg)
         build_pipeline(cfg)  # resolves data-dependent fields
         validate(cfg, data_ready=True, memory=False)
         console.print_json(cfg.to_json())
@@ -193,16 +206,12 @@ def _resolve_source(source: str) -> str:
     """A data path as an absolute path (so that --resume works from any directory); built-in names unchanged."""
     import os
 
+    from d2v.validation import _is_builtin
+
     expanded = os.path.expanduser(source)
     if os.path.exists(expanded) and (os.sep in source or source.startswith((".", "~")) or not _is_builtin(source)):
         return str(Path(expanded).resolve())
     return expanded if source.startswith("~") else source
-
-
-def _is_builtin(name: str) -> bool:
-    from d2v.data import speech, text, vision
-
-    return any(name in getattr(mod, "BUILTIN", ()) for mod in (vision, speech, text))
 
 
 def _apply_resume_overrides(saved, given: dict, preset: Optional[str], modality: Optional[str]) -> None:
@@ -302,6 +311,55 @@ def _check_writable_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"{what} {path} is not writable")
+
+
+@app.command()
+@user_errors
+def finetune(
+    encoder: Path = typer.Argument(..., help="The pretrained encoder: a d2v export or run, or a transformers "
+                                   "Data2Vec*Model directory."),
+    data: str = typer.Option("digits", help="Labelled data, as d2v probe takes it (built-in, class folders, .npz)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/finetune-<time>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning run in --out."),
+    epochs: float = typer.Option(30.0, help="Passes over the training split (ignored with --steps)."),
+    steps: int = typer.Option(0, help="Optimizer updates (0: from --epochs)."),
+    batch_size: int = typer.Option(64, help="Samples per update."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate of the top layer and the head."),
+    layer_decay: float = typer.Option(0.65, help="Learning-rate factor per block below the top (1: none)."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, tokens)."),
+    label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
+    holdout: Optional[str] = typer.Option(None, help="Speech: globs of the files to test on, as d2v probe."),
+    random_init: bool = typer.Option(False, "--random-init", help="Fine-tune the untrained architecture (baseline)."),
+    seed: int = typer.Option(0, help="Seed for the head, the order and the crops."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+):
+    """Fine-tune an encoder for classification (mean-pooled last layer -> linear head); prints test accuracy.
+
+    Ctrl-C or SIGTERM saves a checkpoint and exits with 130 / 143; --resume continues exactly."""
+    import time
+
+    from d2v.errors import ConfigError
+    from d2v.finetune import FinetuneConfig, finetune as run_finetune
+
+    if resume and out is None:
+        raise ConfigError("--resume needs --out RUN_DIR naming the fine-tuning run to continue")
+    out = out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = FinetuneConfig(encoder=str(encoder.expanduser().resolve()), data=_resolve_source(data), holdout=holdout or "",
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+                         random_init=random_init, device=device)
+    summary = run_finetune(cfg, out, resume=resume, console=console, progress=progress)
+    if summary.complete:
+        return
+    kind = "random-init" if random_init else "pretrained"
+    console.print(f"Fine-tuned ({kind}) on {escape(data)}: test accuracy {summary.test_accuracy:.4f} after "
+                  f"{summary.steps} steps ({summary.wall_s:.0f} s); run directory {escape(str(summary.run_dir))}",
+                  highlight=False, soft_wrap=True)
+    if summary.signal:
+        console.print(f"Next: d2v finetune {_quote(encoder)} --out {_quote(summary.run_dir)} --resume",
+                      soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(128 + summary.signal)
 
 
 @app.command()

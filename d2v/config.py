@@ -171,6 +171,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     collapse: str = "warn"  # "warn" | "stop"
     collapse_after: float = 0.2  # fraction of steps before the collapse guard looks
+    eval_data: str = ""  # labelled set for the live k-NN monitor ("": off); built-ins use their test split
+    eval_every: int = 0  # updates between k-NN evaluations (0: ten per run); always at the end
+    log: str = ""  # "tensorboard": also write TensorBoard events to RUN/tb (metrics.jsonl stays the record)
+    init_from: str = ""  # start from this encoder: a d2v export, a d2v run, or a transformers Data2Vec*Model dir
 
 
 @dataclass

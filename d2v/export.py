@@ -160,11 +160,47 @@ def _build(model_cfg: dict) -> torch.nn.Module:
     return build_encoder(from_dict(cls, model_cfg))
 
 
-def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An exported encoder (or a run directory's student) as an nn.Module in eval mode.
+def read_encoder(path: str | Path, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model config dict, encoder tensors) of a d2v export, a d2v run directory (its student) or a transformers
+    Data2Vec*Model directory; with weights=False only the config is read (tensors empty)."""
+    from d2v import hf_import
 
-    Vision: enc(images) takes float (B, C, H, W) in [0, 1] and returns the last hidden states (B, 1 + N, D);
-    enc.embed(images) returns the mean-pooled patch representation (B, D).
+    path = Path(path).expanduser()
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path} is not an exported encoder, a run directory or a transformers model "
+                              "(no config.json)")
+    try:
+        meta = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"cannot parse {config_path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path} is not a d2v encoder config")
+    if hf_import.is_hf_dir(path):
+        if not weights:
+            return hf_import.model_config(meta, hf_import._read_json(path / "preprocessor_config.json")), {}
+        return hf_import.load_hf(path)
+    if meta.get("format") == ENCODER_FORMAT:
+        if not weights:
+            return meta["model"], {}
+        try:
+            return meta["model"], load_file(str(path / "model.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file to the user
+            raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {exc}") from None
+    if "modality" in meta and "model" in meta:  # a run directory
+        if not weights:
+            return meta["model"], {}
+        model_cfg, tensors, _ = encoder_state_from_run(path)
+        return model_cfg, tensors
+    raise CheckpointError(f"{config_path} is not a d2v encoder config")
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An exported encoder, a run directory's student or a transformers Data2Vec*Model directory, as an nn.Module
+    in eval mode.
+
+    Vision: enc(images) takes float (B, C, H, W) in [0, 1] (or uint8) and returns the last hidden states
+    (B, 1 + N, D); enc.embed(images) returns the mean-pooled patch representation (B, D).
     Text: enc(list_of_strings) tokenizes with the saved tokenizer.json and returns (hidden (B, T, D), attention mask
     (B, T)); token ids (B, T) work too; enc.embed(...) returns the mean over real tokens (B, D).
     """
@@ -172,25 +208,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.
 
     path = Path(path).expanduser()
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} was asked for, but no CUDA device is visible to torch")
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path} is not an exported encoder or a run directory (no config.json)")
-    try:
-        meta = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"cannot parse {config_path}: {exc}") from None
-    if meta.get("format") == ENCODER_FORMAT:
-        model_cfg = meta["model"]
-        try:
-            tensors = load_file(str(path / "model.safetensors"))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {exc}") from None
-    elif "modality" in meta and "model" in meta:  # a run directory
-        model_cfg, tensors, _ = encoder_state_from_run(path)
-    else:
-        raise CheckpointError(f"{config_path} is not a d2v encoder config")
+    model_cfg, tensors = read_encoder(path)
     encoder = _build(model_cfg)
     try:
         encoder.load_state_dict(tensors)
@@ -201,9 +219,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> torch.
 
 def random_encoder(path: str | Path, seed: int = 0) -> torch.nn.Module:
     """The untrained architecture of an exported encoder or run (for baselines), in eval mode."""
-    path = Path(path)
-    meta = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
-    if meta is None:
-        raise CheckpointError(f"{path} is not an exported encoder or a run directory (no config.json)")
+    path = Path(path).expanduser()
+    model_cfg, _ = read_encoder(path, weights=False)
     torch.manual_seed(seed)
-    return _attach_tokenizer(_build(meta["model"]), path).eval()
+    return _attach_tokenizer(_build(model_cfg), path).eval()

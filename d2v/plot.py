@@ -2,7 +2,6 @@
 prediction std, and any accuracy the run logged. matplotlib is optional (`pip install 'd2v[plot]'`)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,17 +12,12 @@ PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tau", "EMA tau"), (("targ
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl in step order; unreadable lines (a crash mid-write) are skipped."""
+    from d2v.rundir import read_metrics as read_log
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise DataError(f"{run_dir} has no metrics.jsonl (is it a d2v run directory?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
+    records = read_log(path)
     if not records:
         raise DataError(f"{path} holds no metrics yet")
     return sorted(records, key=lambda r: r["step"])

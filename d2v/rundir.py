@@ -124,3 +124,21 @@ def has_checkpoint(run_dir: Path) -> bool:
         return bool(ckpt.candidates(run_dir))
     except CheckpointError:
         return False
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics log (JSON lines with an integer step); a line cut short by a crash, or otherwise
+    unreadable, is dropped."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records

@@ -213,6 +213,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         say("Warning: fp16 on a CPU is emulated and about 14x slower than fp32; --precision bf16 is fast here.")
     wall0 = time.perf_counter()
 
+    if cfg.run.init_from and not resume:
+        adopt_layout(cfg)
     pipeline = build_pipeline(cfg)  # fills data-dependent model fields (image size, channels, pixel stats)
     validate(cfg, data_ready=True)  # again, with the fields the data filled in
     lock, fresh = _open_run(cfg, run_dir, resume, say)
@@ -225,6 +227,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
 def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float) -> Summary:
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device)
+    if fresh and cfg.run.init_from:
+        init_from(model, cfg.run.init_from, say)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     amp_dtype = PRECISIONS[cfg.run.precision]
@@ -248,6 +252,9 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
             ckpt.atomic_write_bytes(run_dir / name, data)
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
+    monitor = _monitor(cfg, model, pipeline)
+    eval_every = cfg.run.eval_every or max(1, total // 10)
+    tracker = _tracker(cfg, run_dir, start)
 
     loader = torch.utils.data.DataLoader(
         MicroBatches(pipeline, start * accum, total * accum), batch_size=None, collate_fn=collate_one,
@@ -302,8 +309,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                     record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
                               "target_std": stats["target_std"].item(), "pred_std": stats["pred_std"].item(),
                               "samples_per_s": rate}
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    _log(metrics, tracker, record)
                     if not math.isfinite(last_loss) and (amp_dtype is not torch.float16 or not _finite(model)):
                         diverged = f"the loss became {last_loss} at step {step}"
                         break
@@ -324,6 +330,10 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                     bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
                 else:
                     bar.update(step)
+                if monitor is not None and (step % eval_every == 0 or step == total):
+                    knn = monitor.evaluate(model, device)
+                    _log(metrics, tracker, {"step": step, **knn})
+                    bar.note(f"k-NN top-1 teacher {knn['knn_teacher']:.3f} student {knn['knn_student']:.3f}")
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
                     if not _finite(model):
                         diverged = f"the weights became non-finite by step {step}"
@@ -344,6 +354,11 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                     pass
             raise
     train_s = time.perf_counter() - t_train
+    if tracker is not None:
+        tracker.close()
+    if monitor is not None and train_s > 0:
+        say(f"k-NN monitor on {monitor.source}: {monitor.seconds:.1f} s, {100 * monitor.seconds / train_s:.1f}% "
+            "of the training time")
     if diverged:
         last = f"the last finite checkpoint is {saved_path.name}" if saved_path else (
             "no checkpoint was written before it" if saved_step == 0 else f"the last finite checkpoint is step {saved_step}")
@@ -355,10 +370,101 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
         saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
     elif saved_path is None and step > 0:
         saved_path = ckpt.latest_checkpoint(run_dir)
+    _plot_if_possible(run_dir)
     return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=last_loss,
                    samples_per_s=(step - start) * B * accum / max(train_s, 1e-9),
                    wall_s=time.perf_counter() - wall0, interrupted=interrupted or bool(stop.signum),
                    skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum)
+TRAINING_ONLY = ("drop_path", "dropout", "attention_dropout", "activation_dropout", "layerdrop")
+
+
+def adopt_layout(cfg: PretrainConfig) -> None:
+    """--init-from: the model's layout (sizes, vocabulary, pixel statistics) comes from the source encoder; the
+    run's preset keeps the training-only fields (drop-path, dropouts)."""
+    from d2v.export import read_encoder
+
+    source_cfg, _ = read_encoder(cfg.run.init_from, weights=False)
+    if source_cfg.get("modality") != cfg.modality:
+        raise ConfigError(f"--init-from {cfg.run.init_from} is a {source_cfg.get('modality')} encoder but this run "
+                          f"pretrains {cfg.modality}")
+    for name, value in source_cfg.items():
+        if hasattr(cfg.model, name) and name not in TRAINING_ONLY:
+            setattr(cfg.model, name, type(getattr(cfg.model, name))(value) if isinstance(value, list) else value)
+    if cfg.modality == "vision":
+        cfg.data.image_size = cfg.model.image_size  # the data is resized to what the encoder was trained on
+    if cfg.modality == "text":
+        from d2v.export import TOKENIZER, _run_file
+
+        tokenizer = _run_file(Path(cfg.run.init_from).expanduser(), TOKENIZER)
+        if tokenizer is None or not hasattr(cfg.data, "tokenizer"):
+            raise ConfigError(f"--init-from {cfg.run.init_from} has no tokenizer.json beside the weights; a text "
+                              "encoder continues only with its own tokenizer")
+        cfg.data.tokenizer = str(tokenizer.resolve())
+
+
+def init_from(model: Data2Vec, path: str, say) -> None:
+    """Load an encoder's weights into the student and the teacher (a fresh run that continues a model)."""
+    from d2v.export import read_encoder
+
+    _, tensors = read_encoder(path)
+    for name, net in (("student", model.student), ("teacher", model.teacher)):
+        own = net.state_dict()
+        for key, value in tensors.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(f"--init-from {path}: tensor {key} has shape {tuple(value.shape)}, the "
+                                      f"{name} expects {tuple(own[key].shape)}")
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise CheckpointError(f"--init-from {path} lacks tensor {missing[0]}")
+        net.load_state_dict({k: tensors[k] for k in own})
+    say(f"Initialized the student and the teacher from {path}.")
+
+
+def _monitor(cfg: PretrainConfig, model: Data2Vec, pipeline):
+    if not cfg.run.eval_data:
+        return None
+    from d2v.monitor import KnnMonitor
+
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    if tokenizer is not None:  # text: the monitor tokenizes its labelled texts as the run does
+        model.student.tokenizer = model.teacher.tokenizer = tokenizer
+    return KnnMonitor(cfg.run.eval_data, model.student, seed=cfg.run.seed)
+
+
+def _tracker(cfg: PretrainConfig, run_dir: Path, start: int):
+    if cfg.run.log != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--log tensorboard needs the tensorboard package: pip install 'd2v[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # a resumed run continues the same curves
+
+
+def _log(metrics, tracker, record: dict) -> None:
+    """One record to metrics.jsonl (the source of truth, flushed at once) and to the tracker, if any."""
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if tracker is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                tracker.add_scalar(key, value, record["step"])
+
+
+def _plot_if_possible(run_dir: Path) -> None:
+    """metrics.png at the end of every run when matplotlib is installed (silently skipped otherwise)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from d2v.plot import plot_run
+
+    try:
+        plot_run(run_dir)
+    except UserError:
+        pass
+
+
 def _finite(model: torch.nn.Module) -> bool:
     """All weights and buffers finite (one device reduction per tensor, one host sync)."""
     flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() and t.numel()]
@@ -386,34 +492,17 @@ def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler) -> int:
     return int(state["step"])
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics log; a line cut short by a crash (or otherwise unreadable) is dropped."""
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records up to `step` (later ones come from a run that stopped after its last checkpoint)."""
     if not path.exists():
         return
-    keep = [r for r in _read_metrics(path) if r["step"] <= step]
+    keep = [r for r in rundir.read_metrics(path) if r["step"] <= step]
     ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def _last_logged_loss(path: Path) -> float:
-    records = _read_metrics(path)
-    return float(records[-1]["loss"]) if records else float("nan")
+    losses = [r["loss"] for r in rundir.read_metrics(path) if isinstance(r.get("loss"), (int, float))]
+    return float(losses[-1]) if losses else float("nan")
 
 
 class _Bar:
@@ -424,6 +513,13 @@ class _Bar:
         self.plain_every = max(1, total // 20)
         self.last_plain = start
         self.t0 = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        """A line above the bar (or a plain line), e.g. a k-NN evaluation."""
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+        elif self.console is not None:
+            self.console.print(text, highlight=False)
 
     def update(self, step: int, **fields):
         if self.progress is not None:
@@ -436,8 +532,9 @@ class _Bar:
             self.console.print(f"step {step}/{self.total}  {_stats_text(**fields)}  {elapsed:.0f} s", highlight=False)
 
 
-def _stats_text(loss: float, lr: float, tau: float, rate: float) -> str:
-    return f"loss {loss:.4f} lr {lr:.1e} tau {tau:.4f} {rate:.0f}/s"
+def _stats_text(loss: float, lr: float, tau: float | None = None, rate: float | None = None) -> str:
+    text = f"loss {loss:.4f} lr {lr:.1e}"
+    return text + (f" tau {tau:.4f}" if tau is not None else "") + (f" {rate:.0f}/s" if rate is not None else "")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpu")
 
 
+def _is_builtin(name: str) -> bool:
+    from d2v.data import speech, text, vision
+
+    return any(name in getattr(mod, "BUILTIN", ()) for mod in (vision, speech, text))
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -99,6 +105,11 @@ RULES: dict[str, dict[str, Rule]] = {
         "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
         "log_every": _POS_INT, "checkpoint_every": _NONNEG_INT, "keep_checkpoints": _NONNEG_INT,
         "collapse": (lambda v: v in ("warn", "stop"), "'warn' or 'stop'"), "collapse_after": _UNIT,
+        "eval_data": (lambda v: v == "" or _is_builtin(v) or os.path.exists(os.path.expanduser(v)),
+                      "a built-in labelled set or an existing path"),
+        "eval_every": _NONNEG_INT, "log": (lambda v: v in ("", "tensorboard"), "'' or 'tensorboard'"),
+        "init_from": (lambda v: v == "" or os.path.isfile(os.path.join(os.path.expanduser(v), "config.json")),
+                      "a directory with a config.json: a d2v export or run, or a transformers Data2Vec model"),
     },
 }
 
@@ -108,7 +119,8 @@ FLAGS = {
     "data.source": "--data", "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
     "optim.lr": "--lr", "data.image_size": "--image-size", "run.device": "--device", "run.precision": "--precision",
     "run.kernels": "--kernels", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
-    "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size",
+    "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "run.eval_data": "--eval-data",
+    "run.eval_every": "--eval-every", "run.log": "--log", "run.init_from": "--init-from",
 }
 
 

@@ -20,11 +20,13 @@ ZERO_OK = {
     "model.vocab_size", "model.dropout", "model.attention_dropout", "model.activation_dropout", "model.layerdrop",
     "model.pad_id", "model.mask_id", "mask.random_token", "mask.unchanged", "targets.loss_beta",
     "ema.decay", "ema.end_decay", "ema.anneal_steps", "optim.weight_decay", "optim.warmup_fraction",
-    "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers", "data.min_seconds",
-    "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after",
+    "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers",
+    "data.min_seconds", "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after",
+    "run.eval_every",
 }
 # Fields where a huge value is only "never" (no clipping, no checkpoint until the end, keep everything).
-HUGE_OK = {"ema.anneal_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "optim.clip_grad"}
+HUGE_OK = {"ema.anneal_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "optim.clip_grad",
+           "run.eval_every"}
 SKIP = {"modality", "model.modality", "data.source"}  # data.source: a bad path is tested with the data tests
 
 

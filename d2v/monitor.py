@@ -1,0 +1,77 @@
+"""Live quality monitor: a k-NN classifier on frozen `embed` features of the student and the EMA teacher, run
+every few updates on a labelled set, because a data2vec loss alone says little about representation quality.
+
+The classifier is the weighted k-NN of instance-discrimination work (k = 20, temperature 0.07, cosine
+similarity): each test item votes with its k nearest training items, weighted by exp(similarity / T)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from d2v.errors import DataError
+
+
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Top-1 accuracy of the weighted cosine k-NN; x (N, D) float, y (N,) int64."""
+    train_x = torch.nn.functional.normalize(train_x.float(), dim=1)
+    test_x = torch.nn.functional.normalize(test_x.float(), dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_x))
+    correct = 0
+    for i in range(0, len(test_x), chunk):
+        sim = test_x[i:i + chunk] @ train_x.T  # (n, N)
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return correct / len(test_x)
+
+
+@dataclass
+class LabelledSplits:
+    train: object
+    test: object
+
+
+class KnnMonitor:
+    """k-NN top-1 of the student and the teacher on a labelled set (train split = bank, test split = queries)."""
+
+    def __init__(self, source: str, encoder, max_train: int = 5000, max_test: int = 2000, seed: int = 0):
+        from d2v.probe import load_labelled
+
+        self.source = source
+        train, test = load_labelled(source, encoder, "train"), load_labelled(source, encoder, "test")
+        if len(train) == 0 or len(test) == 0:
+            raise DataError(f"--eval-data {source} needs a train and a test split with items in both")
+        rng = np.random.default_rng(seed)
+        self.train = train.subset(np.sort(rng.permutation(len(train))[:max_train])) if len(train) > max_train else train
+        self.test = test.subset(np.sort(rng.permutation(len(test))[:max_test])) if len(test) > max_test else test
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def _features(self, encoder, dataset, device) -> torch.Tensor:
+        from d2v.probe import features
+
+        return torch.from_numpy(features(encoder, dataset, batch_size=128, device=device)).float()
+
+    def evaluate(self, model, device) -> dict[str, float]:
+        """{'knn_student': top-1, 'knn_teacher': top-1, 'knn_seconds': wall time}; restores training mode."""
+        t0 = time.perf_counter()
+        result = {}
+        y_train, y_test = self.train.labels.long(), self.test.labels.long()
+        was_training = model.student.training
+        model.student.eval()
+        try:
+            for name, encoder in (("student", model.student), ("teacher", model.teacher)):
+                x_train = self._features(encoder, self.train, device)
+                x_test = self._features(encoder, self.test, device)
+                result[f"knn_{name}"] = knn_top1(x_train, y_train, x_test, y_test)
+        finally:
+            model.student.train(was_training)
+        elapsed = time.perf_counter() - t0
+        self.seconds += elapsed
+        result["knn_seconds"] = elapsed
+        return result
