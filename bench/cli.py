@@ -5,18 +5,18 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Benchmarks of d2v's hot ops.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks of d2v: the hot ops and end-to-end pretraining.", no_args_is_help=True)
 
 
 @app.callback()
 def _group() -> None:
-    """Benchmarks of d2v's hot ops."""
+    """Benchmarks of d2v: the hot ops and end-to-end pretraining."""
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -81,6 +81,51 @@ def kernels(
     for s in result["skipped"]:
         where = f"{s['op']} / {s['case']} / " if "op" in s else ""
         console.print(f"skipped {where}{s['impl']}: {s['reason']}", style="yellow")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def pretrain(
+    nproc: str = typer.Option("1,2", "--nproc", help="Comma-separated process counts to run (1: plain, else torchrun)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="OMP threads per process [default: "
+                                          "CPU cores / processes]."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Logged records to skip (start-up) before the median."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Runs per process count, alternating the counts."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    args: Optional[List[str]] = typer.Argument(None, help="d2v pretrain options after --, e.g. -- --modality "
+                                               "speech --steps 60 --set run.log_every=5"),
+) -> None:
+    """Samples/s of `d2v pretrain` per process count (torchrun on this machine) and the scaling efficiency."""
+    from .pretrain import run
+
+    try:
+        counts = sorted({int(n) for n in nproc.split(",") if n.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {nproc!r}", param_hint="--nproc")
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("process counts must be at least 1", param_hint="--nproc")
+    console = Console()
+    pretrain_args = list(args or ["--steps", "40", "--set", "run.log_every=5"])
+    try:
+        result = run(counts, pretrain_args, threads=threads, warmup=warmup, repeats=repeats,
+                     on_row=lambda r: console.print(f"  {r['nproc']} process(es) x {r['threads_per_process']} "
+                                                    f"threads: {r['samples_per_s']:.1f} samples/s", style="dim"))
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    result["meta"]["command"] = shlex.join(["d2v", "bench", "pretrain", *sys.argv[sys.argv.index("pretrain") + 1:]]) \
+        if "pretrain" in sys.argv else "d2v bench pretrain"
+    table = Table(title=f"d2v pretrain throughput ({result['meta'].get('device', '?')}, "
+                        f"{result['meta']['cpu_count']} CPU cores)")
+    for col in ("processes", "samples/s", "per process", "scaling efficiency", "runs"):
+        table.add_column(col, justify="right")
+    for n, s in result["summary"].items():
+        table.add_row(n, f"{s['samples_per_s']:.1f}", f"{s['samples_per_s'] / int(n):.1f}",
+                      _fmt(s["scaling_efficiency"], ".2f"), str(s["runs"]))
+    console.print(table)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))

@@ -14,6 +14,15 @@ leaves a half-written checkpoint behind.
 
 A checkpoint is complete when its manifest lists every file with the right size; reading it also checks the
 sha256 of each file, so a truncated, deleted or corrupted file is refused, never half-loaded.
+
+A sharded checkpoint (FSDP2 runs, run.strategy=fsdp) keeps the tensors as torch.distributed.checkpoint (DCP) shards
+in safetensors files, one per rank, with their placement in each file's safetensors metadata (JSON; DCP's own
+pickled .metadata file is not used), so it loads at any world size, or consolidated in one process:
+
+    RUN_DIR/checkpoints/step_00000300/dcp/shard-0000R-model-00001-of-00001.safetensors   "model.<name>" weights,
+                                                                          "optim.state.<name>.<key>" Adam state
+    RUN_DIR/checkpoints/step_00000300/state.json    step, optimizer scalars ("param_groups.<name>.<key>")
+    RUN_DIR/checkpoints/step_00000300/manifest.json
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ from d2v.errors import CheckpointError
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.safetensors", "state.json")
+SHARDED_DIR = "dcp"  # the DCP shards of a sharded checkpoint
+SHARDED_FILES = ("state.json",)  # besides the shards, which its manifest lists
 
 
 def _umask() -> int:
@@ -114,7 +125,7 @@ def is_complete(directory: Path) -> bool:
     files = _manifest(directory)
     if files is None:  # written before manifests (format 1): complete when all its files are there
         return not (directory / MANIFEST).exists() and _legacy(directory) and all((directory / n).is_file() for n in FILES)
-    if set(FILES) - set(files):
+    if set(_required(directory)) - set(files):
         return False
     try:
         return all((directory / n).stat().st_size == meta["bytes"] for n, meta in files.items())
@@ -135,7 +146,7 @@ def verify(directory: Path) -> None:
     files = _manifest(directory)
     if files is None:
         raise CheckpointError(f"checkpoint {directory} has no readable {MANIFEST}; it is incomplete")
-    for name in sorted(set(FILES) | set(files)):
+    for name in sorted(set(_required(directory)) | set(files)):
         path, meta = directory / name, files.get(name)
         if meta is None:
             raise CheckpointError(f"checkpoint {directory} does not list {name} in its manifest")
@@ -229,7 +240,7 @@ def candidates(run_dir: Path) -> list[Path]:
     """Checkpoint directories to resume or export from, best first: the one `latest` names, then the others newest
     first. Incomplete ones are included: reading them says what is wrong (read_latest skips them)."""
     run_dir = Path(run_dir)
-    if (run_dir / "state.json").exists() and (run_dir / "model.safetensors").exists():
+    if (run_dir / "state.json").exists() and ((run_dir / "model.safetensors").exists() or is_sharded(run_dir)):
         return [run_dir]  # a checkpoint directory itself
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
@@ -283,6 +294,11 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {ckpt / 'state.json'}: {exc}") from None
+    if is_sharded(ckpt):
+        model, opt = read_sharded(ckpt)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{ckpt / 'state.json'} does not hold a checkpoint state")
+        return model, opt, state
     try:
         model = load_file(str(ckpt / "model.safetensors"))
         opt = load_file(str(ckpt / "state.safetensors"))
@@ -307,3 +323,167 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{path} is not a d2v run config (is {run_dir} an exported encoder?)")
             return data
     raise CheckpointError(f"{run_dir} is not a d2v run directory (no config.json)")
+
+
+# ------------------------------------------------------------------------------------------------ sharded (DCP)
+def read_checkpoint_state(ckpt: Path) -> dict[str, Any]:
+    """The state.json of a checkpoint (step, optimizer scalars, ...), without its tensors."""
+    try:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {Path(ckpt) / 'state.json'}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{Path(ckpt) / 'state.json'} does not hold a checkpoint state")
+    return state
+
+
+def is_sharded(directory: Path) -> bool:
+    return (Path(directory) / SHARDED_DIR).is_dir()
+
+
+def _required(directory: Path) -> tuple[str, ...]:
+    return SHARDED_FILES if is_sharded(directory) else FILES
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON-able optimizer scalars) of a model and its optimizer, keyed by parameter name; with FSDP the
+    tensors are this rank's DTensor shards. Also the template a sharded checkpoint loads into."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    tensors = {f"model.{k}": v for k, v in get_model_state_dict(model).items()}
+    scalars = {}
+    flat = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    for key, value in flat.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"optim.{key}"] = value
+        else:
+            scalars[key] = list(value) if isinstance(value, tuple) else value
+    return tensors, scalars
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       scalars: dict, full: bool = False) -> None:
+    """Set model and optimizer from sharded_state()-style dicts (full tensors on every rank when `full`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_sd = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+    optim_sd.update({k: tuple(v) if isinstance(v, list) else v for k, v in scalars.items()})
+    options = StateDictOptions(full_state_dict=full, flatten_optimizer_state_dict=True)
+    try:
+        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=full))
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint does not match the run's model: {str(exc).splitlines()[0]}") from None
+
+
+def load_full_into_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                           opt_tensors: dict[str, torch.Tensor], opt_meta: dict) -> None:
+    """A single-file checkpoint (full tensors) into an FSDP-sharded model and its optimizer: each rank keeps the
+    slices of its own shards (torch.distributed.tensor.distribute_tensor with the parameter's placement)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(like, DTensor) and tuple(full.shape) == tuple(like.shape):
+            return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+        return full
+
+    with torch.no_grad():
+        saved = set(model.state_dict())  # persistent tensors only
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in saved:
+                continue
+            if name not in weights:
+                raise CheckpointError(f"the checkpoint has no tensor {name!r} for the run's model")
+            sharded = shard_like(weights[name], p)
+            p.copy_(sharded)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    converted = {}
+    for key, value in opt_tensors.items():
+        pid = int(key.split(".", 1)[0])
+        converted[key] = shard_like(value, params[pid]) if pid < len(params) else value
+    load_optimizer_state(optimizer, converted, opt_meta)
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            extra: dict[str, Any], keep: int, is_main: bool, barrier) -> Path:
+    """Every rank writes its shards (torch.distributed.checkpoint); rank 0 then adds state.json and the manifest
+    and renames the directory into place, so that the checkpoint appears only once every shard is written.
+    All ranks must call this together; `barrier()` synchronizes them."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_root = Path(run_dir) / "checkpoints"
+    name = f"step_{step:08d}"
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}-dcp"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    tensors, scalars = sharded_state(model, optimizer)
+    try:
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()  # every rank's shards are on disk
+    if is_main:
+        try:
+            atomic_write_json(tmp / "state.json", {"format": FORMAT_VERSION, "step": step, "layout": "dcp",
+                                                   "optimizer": {"scalars": scalars}, **extra})
+            shards = sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED_DIR).rglob("*") if p.is_file())
+            write_manifest(tmp, [*SHARDED_FILES, *shards])
+            _fsync_dir(tmp / SHARDED_DIR)
+            _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            old = ckpt_root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+        if keep > 0:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded_into(ckpt: Path, template: dict[str, torch.Tensor], check: bool = True) -> None:
+    """Fill `template` (sharded_state()'s tensors: DTensor shards at any world size, or full tensors) in place from
+    a sharded checkpoint; DCP reads each rank's slices from whichever files hold them."""
+    import torch.distributed as td
+    import torch.distributed.checkpoint as dcp
+
+    if check:
+        verify(ckpt)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(Path(ckpt) / SHARDED_DIR)),
+                     no_dist=not td.is_initialized())
+    except Exception as exc:  # noqa: BLE001 - DCP raises assorted types (CheckpointException, RuntimeError)
+        raise CheckpointError(f"sharded checkpoint {ckpt} does not match the run or is unreadable: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def read_sharded(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model tensors, optimizer tensors) of a sharded checkpoint, consolidated into full tensors in this process
+    (no model or process group needed): model names as in model.safetensors, optimizer keys "state.<name>.<key>"."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.HuggingFaceStorageReader(str(Path(ckpt) / SHARDED_DIR)).read_metadata()
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"sharded checkpoint {ckpt} is unreadable: {exc}") from None
+    template = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
+    load_sharded_into(ckpt, template, check=False)  # read_checkpoint verified it
+    model = {k[len("model."):]: v for k, v in template.items() if k.startswith("model.")}
+    optim = {k[len("optim."):]: v for k, v in template.items() if k.startswith("optim.")}
+    return model, optim

@@ -89,8 +89,9 @@ def pretrain(
                                        "set (vision: digits, speech: default, text: pydoc)."),
     preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
     steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches accumulated per optimizer update."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per optimizer update, all processes together (the "
+                                             "global batch; each process takes batch / (processes x grad-accum))."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches each process accumulates per optimizer update."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (vision)."),
     vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
@@ -156,6 +157,7 @@ def pretrain(
     validate(cfg, memory=not dry_run)
     if dry_run:
         from d2v.data.pipeline import build_pipeline
+        from d2v.distributed import batch_plan, env_world_size
         from d2v.validation import memory_problem
 
         if cfg.run.init_from:
@@ -164,10 +166,16 @@ def pretrain(
             adopt_layout(cfg)
         build_pipeline(cfg)  # resolves data-dependent fields
         validate(cfg, data_ready=True, memory=False)
+        plan = batch_plan(cfg.run.batch_size, cfg.run.grad_accum, env_world_size())
+        err_console.print(f"Batch: {plan.describe()} (under torchrun the process count is its world size)",
+                          highlight=False, soft_wrap=True)
         console.print_json(cfg.to_json())
         if memory_problem(cfg):  # a dry run shows big configs on small machines, and says what a run would do
             err_console.print(f"Warning: {escape(memory_problem(cfg))}", highlight=False, soft_wrap=True)
         return
+    from d2v.distributed import env_rank
+
+    console.quiet = env_rank() > 0  # under torchrun, rank 0 reports for the run
     summary = run_pretrain(cfg, out=out, resume=resume, console=console, progress=progress)
     if summary.complete:
         return
@@ -414,7 +422,7 @@ def _mount_bench() -> None:
         from d2v.bench.cli import app as bench_app
     except ImportError:
         return
-    app.add_typer(bench_app, name="bench", help="Benchmarks of the hot ops.")
+    app.add_typer(bench_app, name="bench", help="Benchmarks: the hot ops, end-to-end pretraining per process count.")
 
 
 _mount_bench()

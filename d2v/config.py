@@ -160,14 +160,16 @@ class DataConfig:
 @dataclass
 class RunConfig:
     steps: int = 500_000
-    batch_size: int = 2048
-    grad_accum: int = 1
+    batch_size: int = 2048  # samples per optimizer update, all processes together (the global batch)
+    grad_accum: int = 1  # micro-batches per update on each process: micro-batch = batch_size / (processes x grad_accum)
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     device: str = "auto"
     kernels: str = "auto"
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    checkpoint_minutes: float = 30.0  # also save when this long has passed since the last checkpoint; 0: never
+    strategy: str = "ddp"  # with several processes (torchrun): "ddp" (replicated) or "fsdp" (FSDP2, sharded)
     keep_checkpoints: int = 2
     collapse: str = "warn"  # "warn" | "stop"
     collapse_after: float = 0.2  # fraction of steps before the collapse guard looks

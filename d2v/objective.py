@@ -49,6 +49,11 @@ def build_head(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"unknown head {kind!r}; expected 'linear' or 'mlp'")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (FSDP), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _masked_std(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Mean over features of the std over masked rows; x (B, T, D), w (B, T, 1) in {0, 1}. No host sync."""
     n = w.sum().clamp_min(2.0)
@@ -110,11 +115,16 @@ class Data2Vec(nn.Module):
         """Move the teacher towards the student after optimizer update `step`; shared tensors are copied."""
         decay = ema_decay(self.ema_cfg, step)
         averaged, copied = self._pairs
-        if averaged:
-            ops.ema_update_([t for t, _ in averaged], [s for _, s in averaged], decay, backend=self.backend)
+        if averaged:  # sharded (FSDP) teacher and student: each rank averages its own, identically placed shards
+            ops.ema_update_([_local(t) for t, _ in averaged], [_local(s) for _, s in averaged], decay,
+                            backend=self.backend)
         for t, s in copied:
-            t.copy_(s)
+            _local(t).copy_(_local(s))
         return decay
+
+    def rebind(self) -> None:
+        """Pair teacher and student parameters again after they were replaced (FSDP sharding)."""
+        self._pairs = self._ema_pairs()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.targets_cfg

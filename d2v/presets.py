@@ -157,6 +157,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": {**_VISION},
         "large": {
             **_VISION,
+            "run.strategy": "fsdp",  # sharded when launched on several processes (FSDP2)
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,
@@ -196,7 +197,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "run.batch_size": 32,
         },
         "base": {**_TEXT},
-        "large": {**_TEXT, "model.dim": 1024, "model.depth": 24, "model.num_heads": 16, "model.ffn_dim": 4096},
+        "large": {**_TEXT, "run.strategy": "fsdp", "model.dim": 1024, "model.depth": 24, "model.num_heads": 16, "model.ffn_dim": 4096},
     },
     "speech": {
         "tiny": {
@@ -234,6 +235,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": dict(_SPEECH),
         "large": {
             **_SPEECH,
+            # DDP, not FSDP: with layerdrop each process skips its own blocks, which sharded blocks cannot do
+            # (every process must take part in each block's all-gather).
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from d2v import checkpoint as ckpt
-from d2v import rundir
+from d2v import distributed, rundir
 from d2v.config import PretrainConfig, from_dict
-from d2v.data.pipeline import MicroBatches, build_pipeline, collate_one
+from d2v.data.pipeline import MicroBatches, build_pipeline, collate_one, torch_seed
 from d2v.errors import CheckpointError, ConfigError, UserError
 from d2v.models import build_encoder
 from d2v.objective import Data2Vec
@@ -108,44 +108,16 @@ class Summary:
     complete: bool = False  # resumed a run that had already finished: nothing was done
 
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM")
-RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers")  # where a run executes, not what it computes
+_StopFlag = distributed.StopSignals  # Ctrl-C / SIGTERM / SIGUSR1 -> save and stop (d2v.finetune uses it too)
+
+# Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding).
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers", "run.grad_accum", "run.strategy",
+                     "run.checkpoint_minutes")
 
 
-class _StopFlag:
-    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to save and stop after the current step; a second
-    Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old: dict[int, object] = {}
-
-    @property
-    def set(self) -> bool:
-        return self.signum != 0
-
-    def __enter__(self):
-        for name in STOP_SIGNALS:
-            num = getattr(signal, name)
-            try:
-                self._old[num] = signal.signal(num, self._handle)
-            except ValueError:  # not in the main thread: no handlers, the default behaviour stays
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc):
-        for num, old in self._old.items():
-            signal.signal(num, old)
-
-
-def resolve_run_dir(cfg: PretrainConfig, out: Path | None) -> Path:
+def resolve_run_dir(cfg: PretrainConfig, out: Path | None, when: float | None = None) -> Path:
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
         out = Path("runs") / f"{cfg.modality}-{cfg.preset}-{stamp}"
     return Path(out).expanduser()
 
@@ -191,24 +163,41 @@ def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[ru
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True) -> Summary:
     """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
-    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`."""
-    from rich.console import Console
-    from rich.markup import escape
+    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`.
 
-    console = console or Console()
-    say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
+    Under torchrun every process calls this; they join one process group and train one run (d2v.distributed)."""
+    from rich.console import Console
+
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
-    run_dir = resolve_run_dir(cfg, out)
     if resume:
-        saved = load_run_config(run_dir)
+        saved = load_run_config(resolve_run_dir(cfg, out))
         for key in RESUME_MAY_CHANGE:
             section, name = key.split(".")
             setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
         cfg = saved
     validate(cfg)
+    distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, distributed.env_world_size())
+    if distributed.launched():
+        distributed.check_strategy(cfg)
     device = resolve_device(cfg.run.device)
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
+    dist = distributed.init(device)
+    try:
+        console = console or Console()
+        if not dist.is_main:
+            console, progress = Console(quiet=True), False  # one progress display and one log: rank 0's
+        return _pretrain(cfg, out, resume, console, progress, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _pretrain(cfg, out, resume: bool, console, progress: bool, dist) -> Summary:
+    from rich.markup import escape
+
+    say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
+    run_dir = resolve_run_dir(cfg, out, when=distributed.broadcast_int(int(time.time()), dist))
+    device = dist.device
     if device.type == "cpu" and cfg.run.precision == "fp16":
         say("Warning: fp16 on a CPU is emulated and about 14x slower than fp32; --precision bf16 is fast here.")
     wall0 = time.perf_counter()
@@ -217,27 +206,50 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         adopt_layout(cfg)
     pipeline = build_pipeline(cfg)  # fills data-dependent model fields (image size, channels, pixel stats)
     validate(cfg, data_ready=True)  # again, with the fields the data filled in
-    lock, fresh = _open_run(cfg, run_dir, resume, say)
+    distributed.check_same(cfg.to_json(), "configs (data-dependent fields differ)", dist)
+    lock, fresh, error = None, True, None
+    if dist.is_main:  # rank 0 owns the run directory
+        try:
+            lock, fresh = _open_run(cfg, run_dir, resume, say)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = exc
+    failed, fresh = distributed.agree([int(error is not None), int(fresh) if dist.is_main else 0], dist)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"rank 0 could not open the run directory {run_dir} (its error is shown above)")
     try:
-        return _train(cfg, run_dir, fresh, pipeline, device, console, say, progress, wall0)
+        return _train(cfg, run_dir, bool(fresh), pipeline, device, console, say, progress, wall0, dist)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float) -> Summary:
+def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float,
+           dist) -> Summary:
+    main = dist.is_main
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device)
     if fresh and cfg.run.init_from:
-        init_from(model, cfg.run.init_from, say)
+        init_from(model, cfg.run.init_from, say)  # before sharding: every rank loads the same full weights
+    amp_dtype = PRECISIONS[cfg.run.precision]
+    strategy = cfg.run.strategy if dist.enabled else "single"
+    find_unused = cfg.modality == "speech" and getattr(cfg.model, "layerdrop", 0) > 0  # dropped blocks get no grad
+    engine = distributed.wrap(model, dist, cfg.run.strategy, find_unused=find_unused, mp_dtype=amp_dtype)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    amp_dtype = PRECISIONS[cfg.run.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    total, accum, B = cfg.run.steps, cfg.run.grad_accum, cfg.run.batch_size
+    total, B = cfg.run.steps, cfg.run.batch_size
+    plan = distributed.batch_plan(B, cfg.run.grad_accum, dist.world, dist.rank)
+    accum = plan.accum
 
-    start = 0
+    start, batches_done = 0, 0  # optimizer updates done; update-batches consumed (more when fp16 skipped some)
     if not fresh:
-        start = _restore(run_dir, model, optimizer, scaler)
+        start, batches_done = _restore(run_dir, model, optimizer, scaler, strategy)
+        lo, hi = distributed.agree([-start, start], dist)
+        if -lo != hi:
+            raise CheckpointError(f"the processes read different checkpoints of {run_dir} (steps {-lo} and {hi}); "
+                                  "every node must see the same run directory")
         if start >= total:
             say(f"{run_dir} is complete: it ran all {total} steps; nothing to resume. "
                 f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}-encoder")
@@ -246,108 +258,152 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                            wall_s=time.perf_counter() - wall0, interrupted=False, skipped_files=0, collapsed=False,
                            complete=True)
         say(f"Resuming {run_dir} at step {start}")
-    else:
+    elif main:
         ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
         for name, data in getattr(pipeline, "run_files", dict)().items():  # data-made files, e.g. a tokenizer
             ckpt.atomic_write_bytes(run_dir / name, data)
+    if dist.world > 1:
+        say(f"{dist.world} processes ({strategy}, {device.type}): {plan.describe()}")
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
-    monitor = _monitor(cfg, model, pipeline)
+    if main:
+        _truncate_metrics(metrics_path, start)
+    monitor = _monitor(cfg, model, pipeline) if main else None  # rank 0 evaluates the unsharded (DDP) model
     eval_every = cfg.run.eval_every or max(1, total // 10)
-    tracker = _tracker(cfg, run_dir, start)
+    tracker = _tracker(cfg, run_dir, start) if main else None
 
+    # fp16 updates the grad scaler skips consume their batch without counting: the stream then runs past `total`.
+    updates = (total - start) if not scaler.is_enabled() else 2**40
     loader = torch.utils.data.DataLoader(
-        MicroBatches(pipeline, start * accum, total * accum), batch_size=None, collate_fn=collate_one,
+        MicroBatches(pipeline, plan, batches_done, updates), batch_size=None, collate_fn=collate_one,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
+    # FSDP2 gathers bf16 parameters (its mixed-precision policy); autocast still picks each op's precision
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
     model.train()
 
     last_loss = float("nan")
     collapsed, interrupted, pred_rose, diverged = False, False, False, ""
     saved_path: Path | None = None
     saved_step = start
-    step = start
+    step, batches_start, skipped_updates = start, batches_done, 0
     in_update = False  # between optimizer.step and the EMA update: a checkpoint now would be inconsistent
-    t_train = time.perf_counter()
-    with _StopFlag() as stop, _progress(console, progress, total, start) as bar, \
-            open(metrics_path, "a") as metrics:
+    t_train = t_saved = time.perf_counter()
+    with distributed.StopSignals() as stop, _progress(console, progress, total, start) as bar, \
+            (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics:
         t_log, samples_since = time.perf_counter(), 0
         try:
             while step < total:
                 lr = lr_at(cfg.optim, step, total)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
-                loss_sum = torch.zeros((), device=device)
+                # summed over this rank's micro-batches: loss x masked count, masked count, target std, pred std
+                sums = torch.zeros(4, device=device)
                 for micro in range(accum):
-                    k = step * accum + micro
-                    batch = pipeline.on_device(next(batches).to(device), k)
-                    with autocast:
-                        loss, stats = model(batch)
-                    scaler.scale(loss / accum).backward()
-                    loss_sum += loss.detach() / accum
+                    first, batch = next(batches)
+                    torch.manual_seed(torch_seed(cfg.run.seed, first))  # dropout / drop-path: by sample position
+                    batch = pipeline.on_device(batch.to(device), first)
+                    with distributed.no_sync(engine, last=micro == accum - 1):
+                        with autocast:
+                            loss, stats = engine(batch)
+                        # The loss summed over masked positions; the gradient is divided by the global count below,
+                        # so every masked position weighs the same however the batch is split over ranks and
+                        # micro-batches (speech and text masks differ in size from sample to sample).
+                        scaler.scale(loss * stats["masked"]).backward()
+                    sums += torch.stack([loss.detach() * stats["masked"], stats["masked"], stats["target_std"],
+                                         stats["pred_std"]]).float()
+                distributed.all_sum_(sums, dist)
                 in_update = True
+                # DDP / FSDP averaged the gradients over ranks: times world / (global masked count) makes the mean
+                grads = [distributed.local(p.grad) for p in params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, dist.world / sums[1].clamp_min(1.0))
                 if cfg.optim.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+                scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                tau = model.ema_step(step + 1)
-                step += 1
+                batches_done += 1
+                samples_since += B
+                # The scaler lowered its scale: the gradients overflowed and the optimizer did not step. The update
+                # did not happen, so neither do the step count, the LR schedule or the EMA (as fairseq does).
+                advanced = not (scaler.is_enabled() and scaler.get_scale() < scale_before)
+                if advanced:
+                    tau = model.ema_step(step + 1)
+                    step += 1
+                else:
+                    skipped_updates += 1
                 in_update = False
-                samples_since += B * accum
 
-                if step % cfg.run.log_every == 0 or step == total:
-                    last_loss = loss_sum.item()
+                diverged_here = collapse_stop = False
+                if advanced and (step % cfg.run.log_every == 0 or step == total):
+                    loss_v, count, t_std, p_std = sums.tolist()
+                    last_loss = loss_v / max(count, 1.0)
                     now = time.perf_counter()
                     rate = samples_since / max(now - t_log, 1e-9)
                     t_log, samples_since = now, 0
                     record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
-                              "target_std": stats["target_std"].item(), "pred_std": stats["pred_std"].item(),
+                              "target_std": t_std / (accum * dist.world), "pred_std": p_std / (accum * dist.world),
                               "samples_per_s": rate}
+                    if scaler.is_enabled():
+                        record["skipped_updates"] = skipped_updates
                     _log(metrics, tracker, record)
                     if not math.isfinite(last_loss) and (amp_dtype is not torch.float16 or not _finite(model)):
-                        diverged = f"the loss became {last_loss} at step {step}"
-                        break
+                        diverged_here = True
                     # At init every masked position looks alike, so predictions start near constant: only a
                     # fall of the prediction std below 0.01 after having risen above it counts as collapse.
                     pred_rose = pred_rose or record["pred_std"] >= 0.01
-                    if step >= cfg.run.collapse_after * total and not collapsed and (
+                    if not diverged_here and step >= cfg.run.collapse_after * total and not collapsed and (
                             record["target_std"] < 0.1 or (pred_rose and record["pred_std"] < 0.01)):
                         collapsed = True
                         msg = (f"representation collapse suspected at step {step}: target std "
                                f"{record['target_std']:.4f} (< 0.1) or prediction std {record['pred_std']:.4f} "
                                "(< 0.01)")
-                        warnings.warn(msg)
+                        if main:
+                            warnings.warn(msg)
                         say(f"Warning: {msg}")
-                        if cfg.run.collapse == "stop":
-                            interrupted = True
-                            break
+                        collapse_stop = cfg.run.collapse == "stop"
                     bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
-                else:
+                elif advanced:
                     bar.update(step)
-                if monitor is not None and (step % eval_every == 0 or step == total):
+                if monitor is not None and advanced and (step % eval_every == 0 or step == total):
                     knn = monitor.evaluate(model, device)
                     _log(metrics, tracker, {"step": step, **knn})
                     bar.note(f"k-NN top-1 teacher {knn['knn_teacher']:.3f} student {knn['knn_student']:.3f}")
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
-                    if not _finite(model):
+                time_due = (main and cfg.run.checkpoint_minutes > 0
+                            and time.perf_counter() - t_saved >= 60 * cfg.run.checkpoint_minutes)
+                # Every decision to stop or save is taken together: one rank's signal, divergence or clock stops or
+                # saves every rank at the same update, so no rank waits forever in a collective.
+                signum, diverged_any, collapse_any, time_due = distributed.agree(
+                    [stop.signum, int(diverged_here), int(collapse_stop), int(time_due)], dist)
+                if diverged_any:
+                    diverged = f"the loss became {last_loss} at step {step}"
+                    break
+                if collapse_any:
+                    interrupted = True
+                    break
+                if step < total and (time_due or (advanced and cfg.run.checkpoint_every
+                                                  and step % cfg.run.checkpoint_every == 0)):
+                    if distributed.agree([int(not _finite(model))], dist)[0]:
                         diverged = f"the weights became non-finite by step {step}"
                         break
-                    saved_path, saved_step = _save(run_dir, step, model, optimizer, scaler, cfg), step
-                if stop.set:
+                    saved_path, saved_step = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg,
+                                                   dist, strategy), step
+                    t_saved = time.perf_counter()
+                if signum:
+                    stop.signum = signum
                     interrupted = True
-                    say(f"Interrupted ({signal.Signals(stop.signum).name}): saving a checkpoint at step {step}.")
+                    say(f"Interrupted ({signal.Signals(signum).name}): saving a checkpoint at step {step}.")
                     break
         except Exception:
             # An error mid-run (a file gone, a full disk): keep the updates done so far when the state is sound.
-            if not in_update and step > saved_step and _finite(model):
+            # With several processes only a replicated (DDP) rank 0 can save alone, without the others.
+            can_save_alone = strategy in ("single", "ddp") and main
+            if can_save_alone and not in_update and step > saved_step and _finite(model):
                 try:
-                    saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
+                    saved_path = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg, None, strategy)
                     say(f"Stopped by an error at step {step}; saved a checkpoint there. Fix the cause and continue "
                         f"with: d2v pretrain --out {run_dir} --resume")
                 except Exception:  # noqa: BLE001 - the original error is the one to report
@@ -364,17 +420,20 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
             "no checkpoint was written before it" if saved_step == 0 else f"the last finite checkpoint is step {saved_step}")
         raise DivergedError(f"training diverged: {diverged}; {last} (lower --lr or raise optim.warmup_fraction)")
     if step > saved_step:
-        if not _finite(model):
+        if distributed.agree([int(not _finite(model))], dist)[0]:
             raise DivergedError(f"training diverged: the weights became non-finite by step {step}; "
                                 f"no checkpoint was written after step {saved_step}")
-        saved_path = _save(run_dir, step, model, optimizer, scaler, cfg)
+        saved_path = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg, dist, strategy)
     elif saved_path is None and step > 0:
         saved_path = ckpt.latest_checkpoint(run_dir)
-    _plot_if_possible(run_dir)
+    if main:
+        _plot_if_possible(run_dir)
     return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=last_loss,
-                   samples_per_s=(step - start) * B * accum / max(train_s, 1e-9),
+                   samples_per_s=(batches_done - batches_start) * B / max(train_s, 1e-9),
                    wall_s=time.perf_counter() - wall0, interrupted=interrupted or bool(stop.signum),
                    skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum)
+
+
 TRAINING_ONLY = ("drop_path", "dropout", "attention_dropout", "activation_dropout", "layerdrop")
 
 
@@ -442,7 +501,10 @@ def _tracker(cfg: PretrainConfig, run_dir: Path, start: int):
 
 
 def _log(metrics, tracker, record: dict) -> None:
-    """One record to metrics.jsonl (the source of truth, flushed at once) and to the tracker, if any."""
+    """One record to metrics.jsonl (the source of truth, flushed at once) and to the tracker, if any; nothing on
+    ranks other than 0 (they have no metrics file)."""
+    if metrics is None:
+        return
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     if tracker is not None:
@@ -467,29 +529,79 @@ def _plot_if_possible(run_dir: Path) -> None:
 
 def _finite(model: torch.nn.Module) -> bool:
     """All weights and buffers finite (one device reduction per tensor, one host sync)."""
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() and t.numel()]
+    flags = [torch.isfinite(distributed.local(t)).all() for t in model.state_dict().values()
+             if t.is_floating_point() and distributed.local(t).numel()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _save(run_dir, step, model, optimizer, scaler, cfg) -> Path:
-    extra = {"scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    return ckpt.save_checkpoint(run_dir, step, model, optimizer, extra, keep=cfg.run.keep_checkpoints)
+def _save(run_dir, step, batches, model, optimizer, scaler, cfg, dist, strategy) -> Path:
+    """Checkpoint `step`. Replicated runs: rank 0 writes it, the others wait until it is complete, so that no rank
+    exits, or is killed by torchrun, before the checkpoint exists. FSDP: every rank writes its shards (DCP)."""
+    extra = {"scaler": scaler.state_dict() if scaler.is_enabled() else None, "batches": batches}
+    if strategy == "fsdp":
+        return ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, extra, cfg.run.keep_checkpoints,
+                                            dist.is_main, lambda: distributed.barrier(dist))
+    path = None
+    if dist is None or dist.is_main:
+        path = ckpt.save_checkpoint(run_dir, step, model, optimizer, extra, keep=cfg.run.keep_checkpoints)
+    if dist is not None:
+        distributed.barrier(dist)
+    return path or Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
-    for w in caught:
-        print(f"Warning: {w.message}", file=sys.stderr)
-    try:
-        model.load_state_dict(weights)
-        ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not match the run's model: {str(exc).splitlines()[0]}") from None
+def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler, strategy: str) -> tuple[int, int]:
+    """(step, update-batches consumed) of the newest intact checkpoint, loaded into model/optimizer/scaler.
+
+    Either checkpoint layout loads into either strategy: single-file into a sharded (FSDP) model, sharded (DCP) into
+    one process or DDP, and sharded at one world size into FSDP at another."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if strategy == "fsdp" and ckpt.is_sharded(path):  # each rank reads only its own slices
+        state = ckpt.read_checkpoint_state(path)
+        template, _ = ckpt.sharded_state(model, optimizer)
+        ckpt.load_sharded_into(path, template)
+        ckpt.load_sharded_state(model, optimizer, template, state["optimizer"]["scalars"])
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
+        for w in caught:
+            print(f"Warning: {w.message}", file=sys.stderr)
+        try:
+            if state.get("layout") == "dcp":  # consolidated from shards; optimizer keyed by parameter name
+                model.load_state_dict(weights)
+                ckpt.load_optimizer_state(optimizer, *_indexed_optimizer_state(model, optimizer, opt_tensors,
+                                                                               state["optimizer"]["scalars"]))
+            elif strategy == "fsdp":  # full tensors, each rank keeps its shard
+                ckpt.load_full_into_sharded(model, optimizer, weights, opt_tensors, state["optimizer"])
+            else:
+                model.load_state_dict(weights)
+                ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match the run's model: "
+                                  f"{str(exc).splitlines()[0]}") from None
     if state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    step = int(state["step"])
+    return step, int(state.get("batches", step))
+
+
+def _indexed_optimizer_state(model, optimizer, tensors: dict, scalars: dict) -> tuple[dict, dict]:
+    """Optimizer state by parameter name (a consolidated sharded checkpoint) as load_optimizer_state takes it (by
+    parameter index), for a model that is not sharded."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    pid = {n: i for i, n in enumerate(names)}
+    by_index = {}
+    for key, value in tensors.items():
+        name, what = key[len("state."):].rsplit(".", 1)
+        by_index[f"{pid[name]}.{what}"] = value
+    groups, start = [], 0
+    for g in optimizer.param_groups:
+        first = names[start]
+        group = {k.rsplit(".", 1)[1]: v for k, v in scalars.items() if k.rsplit(".", 1)[0] == f"param_groups.{first}"}
+        groups.append({**group, "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return by_index, {"param_groups": groups, "scalars": {}}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -104,6 +104,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "kernels": (lambda v: v in KERNELS, ", ".join(KERNELS)),
         "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
         "log_every": _POS_INT, "checkpoint_every": _NONNEG_INT, "keep_checkpoints": _NONNEG_INT,
+        "checkpoint_minutes": (lambda v: _finite(v) and 0 <= v <= 1e6, "minutes from 0 (never) to 1000000"),
+        "strategy": (lambda v: v in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
         "collapse": (lambda v: v in ("warn", "stop"), "'warn' or 'stop'"), "collapse_after": _UNIT,
         "eval_data": (lambda v: v == "" or _is_builtin(v) or os.path.exists(os.path.expanduser(v)),
                       "a built-in labelled set or an existing path"),
@@ -227,7 +229,10 @@ def estimate_bytes(cfg: PretrainConfig) -> int:
     teacher's weights, and the activations the student keeps for backward (B x T x D per block, times the
     tensors a pre/post-LN block stores, plus the attention probabilities)."""
     m = cfg.model
-    D, L, B, T = m.dim, m.depth, cfg.run.batch_size, tokens_per_sample(cfg)
+    from d2v.distributed import env_world_size
+
+    B = max(1, cfg.run.batch_size // (cfg.run.grad_accum * env_world_size()))  # one process's micro-batch
+    D, L, T = m.dim, m.depth, tokens_per_sample(cfg)
     ffn = getattr(m, "ffn_dim", 0) or int(D * getattr(m, "mlp_ratio", 4.0))
     params = L * (4 * D * D + 2 * D * ffn)
     if cfg.modality == "text":
@@ -264,7 +269,8 @@ def memory_problem(cfg: PretrainConfig) -> str:
     have, where = available_bytes(cfg.run.device)
     if have and need > have:
         return (f"this config needs at least {need / 2**30:.1f} GiB per step but {where} has {have / 2**30:.1f} GiB; "
-                "lower --batch-size (use --grad-accum for the same batch), --image-size, model.dim or model.depth")
+                "raise --grad-accum (same batch, smaller micro-batches per process), or lower --batch-size, "
+                "--image-size, model.dim or model.depth")
     return ""
 
 

@@ -87,7 +87,7 @@ def test_teacher_export_differs(run_dir, tmp_path):
 def test_dry_run_prints_resolved_config(tmp_path):
     result = run("pretrain", "--dry-run", "--out", tmp_path / "x")
     assert result.exit_code == 0, result.output
-    cfg = json.loads(result.output)
+    cfg = json.loads(result.stdout)
     assert cfg["preset"] == "tiny" and cfg["model"]["image_size"] == 8 and cfg["model"]["patch_size"] == 2
     assert cfg["model"]["pixel_mean"] and not (tmp_path / "x").exists()
 

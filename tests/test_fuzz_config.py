@@ -22,7 +22,7 @@ ZERO_OK = {
     "ema.decay", "ema.end_decay", "ema.anneal_steps", "optim.weight_decay", "optim.warmup_fraction",
     "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers",
     "data.min_seconds", "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after",
-    "run.eval_every",
+    "run.eval_every", "run.checkpoint_minutes",
 }
 # Fields where a huge value is only "never" (no clipping, no checkpoint until the end, keep everything).
 HUGE_OK = {"ema.anneal_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "optim.clip_grad",

@@ -90,10 +90,10 @@ def test_error_mid_run_saves_a_checkpoint_and_resume_matches_the_uninterrupted_r
     full = pretrain(cfg(), out=tmp_path / "full", progress=False)
     original = VisionPipeline.micro_batch
 
-    def failing(self, k):
-        if k == 5:
+    def failing(self, first, count):
+        if first == 5 * count:  # the 6th micro-batch
             raise DataError("file images/0005.png vanished")
-        return original(self, k)
+        return original(self, first, count)
 
     with monkeypatch.context() as m:
         m.setattr(VisionPipeline, "micro_batch", failing)

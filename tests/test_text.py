@@ -100,9 +100,9 @@ def test_packing_concatenates_documents_into_blocks():
 def test_pipeline_is_deterministic_and_teacher_sees_full_input():
     cfg = text_config()
     a, b = textdata.TextPipeline(cfg), textdata.TextPipeline(text_config())
-    x, y = a.micro_batch(3), b.micro_batch(3)
+    x, y = a.micro_batch(48, 16), b.micro_batch(48, 16)
     assert torch.equal(x.inputs, y.inputs) and torch.equal(x.mask, y.mask) and torch.equal(x.student_inputs, y.student_inputs)
-    assert not torch.equal(x.mask, a.micro_batch(4).mask)
+    assert not torch.equal(x.mask, a.micro_batch(64, 16).mask)
     assert x.inputs.shape == (16, 32) and (x.inputs == textdata.MASK_ID).sum() == 0  # teacher: unmasked ids
     assert torch.equal(x.student_inputs[~x.mask], x.inputs[~x.mask])
     assert cfg.model.vocab_size == a.tokenizer.get_vocab_size() and len(cfg.model.tokenizer_sha256) == 64

@@ -121,7 +121,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
     pipe = build_pipeline(cfg)
     torch.manual_seed(0)
     model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema)
-    b0, b1 = pipe.micro_batch(0), pipe.micro_batch(1)
+    b0, b1 = pipe.micro_batch(0, 8), pipe.micro_batch(8, 8)
     for b in (b0, b1):
         loss, _ = model(b)
         (loss / 2).backward()

@@ -1,8 +1,11 @@
-"""From a dataset to training batches, deterministically: micro-batch k of a run always holds the same samples,
-masks and augmentations for a given seed, which is what makes resume exact.
+"""From a dataset to training batches, deterministically. The run reads one stream of samples; the sample at
+global position p (the p-th sample the run consumes, counting from 0 over all processes), its mask and its
+augmentation are functions of (seed, p) alone. So a run is reproducible and resumable whatever the number of
+processes, workers or micro-batches its updates are split into.
 
-A pipeline per modality has: setup(cfg) (reads the data, fills data-dependent model fields), micro_batch(k)
-(a CPU Batch; may run in DataLoader workers) and on_device(batch, k) (device-side augmentation)."""
+A pipeline per modality has: setup(cfg) (reads the data, fills data-dependent model fields),
+micro_batch(first, count) (the CPU Batch of positions first .. first + count - 1; may run in DataLoader workers)
+and on_device(batch, first) (device-side augmentation of that batch)."""
 from __future__ import annotations
 
 import math
@@ -43,6 +46,16 @@ def rng_for(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
+def sample_rngs(seed: int, stream: int, first: int, count: int) -> list[np.random.Generator]:
+    """One generator per sample position first .. first + count - 1 for random `stream` (masks, crops, ...)."""
+    return [rng_for(seed, stream, p) for p in range(first, first + count)]
+
+
+def torch_seed(seed: int, first: int) -> int:
+    """The torch seed of the micro-batch starting at sample position `first` (dropout, drop-path)."""
+    return int(np.random.SeedSequence([seed, 4, first]).generate_state(1, np.uint64)[0])
+
+
 class VisionPipeline:
     def __init__(self, cfg: PretrainConfig):
         from d2v.data.vision import BUILTIN, load_images, pixel_stats
@@ -73,45 +86,48 @@ class VisionPipeline:
     def skipped(self) -> int:
         return self.dataset.skipped
 
-    def micro_batch(self, k: int) -> Batch:
-        """Micro-batch number k of the run (k = step * grad_accum + micro)."""
-        B = self.cfg.run.batch_size
-        idx = self.order.indices(k * B, B)
+    def micro_batch(self, first: int, count: int) -> Batch:
+        """The samples at global positions first .. first + count - 1, each with its own block mask."""
+        idx = self.order.indices(first, count)
         images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
-        mc = self.cfg.mask
-        mask = _masks(mc, B, self.grid, rng_for(self.cfg.run.seed, 1, k))
+        mask = _masks(self.cfg.mask, self.grid, sample_rngs(self.cfg.run.seed, 1, first, count))
         return Batch(inputs=images, mask=torch.from_numpy(mask))
 
-    def on_device(self, batch: Batch, k: int) -> Batch:
+    def on_device(self, batch: Batch, first: int) -> Batch:
         batch.inputs = random_resized_crop(batch.inputs, self.cfg.data.crop_scale, self.cfg.data.hflip,
-                                           rng_for(self.cfg.run.seed, 2, k))
+                                           sample_rngs(self.cfg.run.seed, 2, first, batch.inputs.shape[0]))
         return batch
 
 
-def _masks(mc, batch: int, grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def _masks(mc, grid: tuple[int, int], rngs: list[np.random.Generator]) -> np.ndarray:
+    """(B, h * w) block masks, the one of sample b drawn from rngs[b]."""
     from d2v.masking import block_masks
 
     if mc.kind != "block":
         raise ConfigError(f"mask kind {mc.kind!r} is not available for images; use 'block'")
-    return block_masks(batch, grid, mc.ratio, rng, mc.min_block, mc.aspect_min)
+    return np.concatenate([block_masks(1, grid, mc.ratio, rng, mc.min_block, mc.aspect_min) for rng in rngs])
 
 
 def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip: bool,
-                        rng: np.random.Generator) -> torch.Tensor:
+                        rngs: np.random.Generator | list[np.random.Generator]) -> torch.Tensor:
     """Per-sample random crop (area fraction in `scale`, aspect in [3/4, 4/3]) resized back, and optional flip.
 
-    Batched on the images' device with one grid_sample; parameters come from `rng` for reproducibility.
+    Batched on the images' device with one grid_sample; the parameters of sample b come from rngs[b] (or, given
+    one generator, from it for every sample in turn).
     """
     B = images.shape[0]
     if tuple(scale) == (1.0, 1.0) and not hflip:
         return images
-    area = rng.uniform(scale[0], scale[1], B)
-    log_ratio = rng.uniform(math.log(3 / 4), math.log(4 / 3), B)
+    if isinstance(rngs, np.random.Generator):
+        rngs = [rngs] * B
+    draws = np.array([[rng.uniform(scale[0], scale[1]), rng.uniform(math.log(3 / 4), math.log(4 / 3)),
+                       rng.uniform(-1, 1), rng.uniform(-1, 1), rng.random()] for rng in rngs]).reshape(B, 5)
+    area, log_ratio, ux, uy, coin = draws.T
     w = np.minimum(np.sqrt(area * np.exp(log_ratio)), 1.0)  # fraction of the width kept
     h = np.minimum(np.sqrt(area / np.exp(log_ratio)), 1.0)
-    cx = rng.uniform(-1, 1, B) * (1 - w)
-    cy = rng.uniform(-1, 1, B) * (1 - h)
-    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0) if hflip else np.ones(B)
+    cx = ux * (1 - w)
+    cy = uy * (1 - h)
+    flip = np.where(coin < 0.5, -1.0, 1.0) if hflip else np.ones(B)
     theta = np.zeros((B, 2, 3), dtype=np.float32)
     theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
@@ -135,16 +151,19 @@ def build_pipeline(cfg: PretrainConfig):
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batches first .. last - 1 of a pipeline, so a DataLoader can prepare them in worker processes."""
+    """This process's micro-batches of updates first_update, first_update + 1, ... (`updates` of them), in order,
+    so a DataLoader can prepare them in worker processes. `plan` (d2v.distributed.BatchPlan) says which sample
+    positions each holds. Item i is (first sample position, Batch)."""
 
-    def __init__(self, pipeline, first: int, last: int):
-        self.pipeline, self.first, self.last = pipeline, first, last
+    def __init__(self, pipeline, plan, first_update: int, updates: int):
+        self.pipeline, self.plan, self.first_update, self.updates = pipeline, plan, first_update, updates
 
     def __len__(self) -> int:
-        return self.last - self.first
+        return self.updates * self.plan.accum
 
-    def __getitem__(self, i: int) -> Batch:
-        return self.pipeline.micro_batch(self.first + i)
+    def __getitem__(self, i: int) -> tuple[int, Batch]:
+        first = self.plan.first(self.first_update + i // self.plan.accum, i % self.plan.accum)
+        return first, self.pipeline.micro_batch(first, self.plan.micro)
 
 
 def collate_one(batch: Batch) -> Batch:

@@ -226,20 +226,23 @@ class SpeechPipeline:
     def skipped(self) -> int:
         return self.dataset.skipped
 
-    def micro_batch(self, k: int) -> Batch:
-        from d2v.data.pipeline import rng_for
+    def micro_batch(self, first: int, count: int) -> Batch:
+        """The files at global sample positions first .. first + count - 1; the crop and the span mask of each
+        come from its own position's generator, so they do not depend on the rest of the micro-batch."""
+        from d2v.data.pipeline import sample_rngs
         from d2v.masking import span_masks
         from d2v.models.speech import conv_output_lengths
 
         m, mc = self.cfg.model, self.cfg.mask
-        idx = self.order.indices(k * self.cfg.run.batch_size, self.cfg.run.batch_size)
-        rng = rng_for(self.cfg.run.seed, 3, k)
-        wave, pad = self.dataset.get_batch(idx, self.max_samples, rng)  # (B, S), (B, S)
+        idx = self.order.indices(first, count)
+        rngs = sample_rngs(self.cfg.run.seed, 3, first, count)
+        wave, pad = pad_batch([self.dataset.crop(int(i), self.max_samples, rng) for i, rng in zip(idx, rngs)])
         lengths = (~pad).sum(dim=1).numpy()
         frames = conv_output_lengths(lengths, m.conv_kernel, m.conv_stride)
         num_frames = conv_output_lengths(wave.shape[1], m.conv_kernel, m.conv_stride)
-        mask = span_masks(frames, num_frames, rng, mc.span_prob, mc.span_length)
+        mask = np.concatenate([span_masks(frames[b : b + 1], num_frames, rng, mc.span_prob, mc.span_length)
+                               for b, rng in enumerate(rngs)])
         return Batch(inputs=wave, mask=torch.from_numpy(mask), padding_mask=pad if pad.any() else None)
 
-    def on_device(self, batch: Batch, k: int) -> Batch:
+    def on_device(self, batch: Batch, first: int) -> Batch:
         return batch

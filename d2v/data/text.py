@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v.data.pipeline import SampleOrder, rng_for
+from d2v.data.pipeline import SampleOrder, sample_rngs
 from d2v.errors import ConfigError, DataError
 from d2v.masking import bert_corrupt, token_masks
 from d2v.objective import Batch
@@ -252,19 +252,23 @@ class TextPipeline:
         """Files the run directory keeps beside its config: the tokenizer (export copies it)."""
         return {"tokenizer.json": self.tokenizer.to_str().encode()}
 
-    def micro_batch(self, k: int) -> Batch:
-        """Micro-batch number k of the run (k = step * grad_accum + micro)."""
-        B, mc = self.cfg.run.batch_size, self.cfg.mask
-        ids = self.blocks[self.order.indices(k * B, B)].numpy()  # (B, T)
-        rng = rng_for(self.cfg.run.seed, 1, k)
+    def micro_batch(self, first: int, count: int) -> Batch:
+        """The blocks at global sample positions first .. first + count - 1; each block's mask and corruption come
+        from its own position's generator, so they do not depend on the rest of the micro-batch."""
+        mc = self.cfg.mask
+        ids = self.blocks[self.order.indices(first, count)].numpy()  # (B, T)
         maskable = ids >= len(SPECIAL_TOKENS)  # never <s>, </s>, <pad>
-        mask = token_masks(maskable, mc.ratio, rng, mc.span_length if mc.kind == "span" else 1)
-        student = bert_corrupt(ids, mask, rng, MASK_ID, (len(SPECIAL_TOKENS), self.cfg.model.vocab_size),
-                               mc.random_token, mc.unchanged)
+        span = mc.span_length if mc.kind == "span" else 1
+        vocab = (len(SPECIAL_TOKENS), self.cfg.model.vocab_size)
+        mask, student = np.zeros(ids.shape, dtype=bool), ids.copy()
+        for b, rng in enumerate(sample_rngs(self.cfg.run.seed, 1, first, count)):
+            mask[b : b + 1] = token_masks(maskable[b : b + 1], mc.ratio, rng, span)
+            student[b : b + 1] = bert_corrupt(ids[b : b + 1], mask[b : b + 1], rng, MASK_ID, vocab, mc.random_token,
+                                              mc.unchanged)
         padding = ids == PAD_ID
         return Batch(inputs=torch.from_numpy(ids), mask=torch.from_numpy(mask),
                      student_inputs=torch.from_numpy(student),
                      padding_mask=torch.from_numpy(padding) if padding.any() else None)
 
-    def on_device(self, batch: Batch, k: int) -> Batch:
+    def on_device(self, batch: Batch, first: int) -> Batch:
         return batch
