@@ -22,7 +22,10 @@ class VisionModelConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    layer_scale_init: float = 0.1
+    layer_scale_init: float = 1e-4  # the released recipe (large: 1e-5); Hugging Face's config default is 0.1
+    # on the attention probabilities after softmax; the recipe's 0.05 (large: 0.15) is set by the presets, and the
+    # default stays 0 so that a run saved before this field existed resumes unchanged
+    attention_dropout: float = 0.0
     drop_path: float = 0.25
     ln_eps: float = 1e-6
     pixel_mean: list[float] = field(default_factory=list)  # per channel, applied by the encoder; empty: from data
@@ -100,6 +103,9 @@ class TargetConfig:
     loss_beta: float = 2.0  # 0: L2; > 0: Smooth-L1 with this beta
     loss_scale: str = "inv_dim"  # per-row sum over D times: "one" | "inv_dim" (= mean over D) | "inv_sqrt_dim"
     head: str = "linear"  # "linear": Linear(D, D); "mlp": Linear(D, 2D) -> GELU -> Linear(2D, D)
+    # text with BERT corruption: "mask_token": the loss only where the student's input shows <mask> (the released
+    # recipe); "masked": also at the masked tokens replaced by a random token or left unchanged
+    loss_on: str = "mask_token"
 
 
 @dataclass
@@ -123,6 +129,17 @@ class OptimConfig:
     hold_fraction: float = 0.0  # tri_stage only
     final_lr_ratio: float = 0.0
     clip_grad: float = 3.0  # 0: no clipping
+    # Parameters exempt from weight decay, by rule: "1d" (every parameter with at most one dimension: biases, norms,
+    # LayerScale), "bias" (names ending in .bias), or a named parameter: one of NO_DECAY_NAMES. Empty: decay all.
+    # The default is what d2v did before this field existed (runs saved then resume with the same optimizer
+    # groups); the presets set the recipes' lists (vision: 1d, bias, cls_token; speech and text v1: none).
+    no_decay: list[str] = field(default_factory=lambda: ["1d", "bias", "cls_token", "mask_token", "rel_pos"])
+
+
+# optim.no_decay names -> the student parameter-name prefix each stands for.
+NO_DECAY_NAMES = {"cls_token": "cls_token", "mask_token": "mask_token", "rel_pos": "rel_pos_bias.",
+                  "mask_emb": "mask_emb", "embeddings": "embeddings."}
+NO_DECAY_RULES = ("1d", "bias", *NO_DECAY_NAMES)
 
 
 @dataclass
@@ -136,7 +153,9 @@ class DataConfig:
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
     tokenizer: str = ""  # text: a tokenizer.json to use instead of training one (e.g. RoBERTa's BPE)
     doc_per_line: bool = False  # text: one document per line (else one per file)
-    crop_seconds: float = 15.625  # speech: random crops of at most this long (wav2vec 2.0: 250k samples)
+    crop_seconds: float = 20.0  # speech: random crops of at most this long (data2vec: 320k samples)
+    min_seconds: float = 0.0  # speech: files shorter are refused, or skipped with skip_bad_files (data2vec: 32k
+    # samples = 2 s, skipped); 0: only what the encoder's receptive field needs
     num_workers: int = -1  # DataLoader workers; -1: automatic (files: one per spare core, up to 8; in memory: 0)
 
 

@@ -91,7 +91,8 @@ def span_masks(
     """wav2vec 2.0 span masks: (B, num_frames) bool, equal masked counts across the batch, never in padding.
 
     Row b has lengths[b] valid frames; int(span_prob * length + u) span starts (u uniform, at least 1) are drawn
-    without replacement and each masks the next span_length frames (cut to the valid length), so with p = 0.065
+    without replacement from the first length - span_length frames (as fairseq: no span reaches the last frame,
+    unless the span is the whole row) and each masks the next span_length frames, so with p = 0.065
     and length 10 about 1 - (1 - p)^10 = 49% of frames end up masked. Every row then keeps as many masked frames
     as the row with fewest, dropping the others at random, as fairseq does with require_same_masks.
     """
@@ -102,7 +103,8 @@ def span_masks(
             continue
         span = min(span_length, n)
         num = max(1, int(span_prob * n + rng.random()))
-        starts = rng.choice(n - span + 1, size=min(num, n - span + 1), replace=False)
+        choices = max(1, n - span)
+        starts = rng.choice(choices, size=min(num, choices), replace=False)
         mask[b, (starts[:, None] + np.arange(span)).reshape(-1)] = True
     counts = mask.sum(axis=1)
     target = counts[np.asarray(lengths) > 0].min(initial=num_frames)
@@ -116,28 +118,27 @@ def token_masks(maskable: np.ndarray, ratio: float, rng: np.random.Generator, sp
     """Which tokens to predict: (B, T) bool, `ratio` of each row's maskable tokens (probabilistic rounding, as
     BERT/fairseq), never a position where `maskable` (B, T) is False (special and pad tokens).
 
-    span_length 1 picks tokens independently (BERT); > 1 masks runs of that many maskable tokens (the released
-    data2vec text recipe: 35% in spans of 4), the last run cut so each row's count is exact.
+    span_length 1 picks tokens independently (BERT). span_length > 1 is the released data2vec text recipe (fairseq
+    mask_multiple_length): int(ratio * n / span_length + u) starts drawn without replacement among the row's n
+    maskable tokens, each masking the next span_length of them (cut at the row's end); spans may overlap, so
+    ratio 0.35 with spans of 4 masks about 1 - (1 - 0.35 / 4)^4 = 30.7% of the tokens, not 35%.
     """
     B, T = maskable.shape
     mask = np.zeros((B, T), dtype=bool)
     for b in range(B):
         where = np.flatnonzero(maskable[b])
         n = where.size
-        num = min(n, int(ratio * n + rng.random()))
+        if span_length <= 1:
+            num = min(n, int(ratio * n + rng.random()))
+            if num:
+                mask[b, rng.choice(where, size=num, replace=False)] = True
+            continue
+        num = min(n, int(ratio * n / span_length + rng.random()))
         if num == 0:
             continue
-        if span_length <= 1:
-            mask[b, rng.choice(where, size=num, replace=False)] = True
-            continue
-        chosen = np.zeros(n, dtype=bool)
-        count = 0
-        while count < num:
-            start = int(rng.integers(0, max(1, n - span_length + 1)))
-            run = np.flatnonzero(~chosen[start : start + span_length])[: num - count] + start
-            chosen[run] = True
-            count += run.size
-        mask[b, where[chosen]] = True
+        starts = rng.choice(n, size=num, replace=False)
+        runs = (starts[:, None] + np.arange(span_length)).reshape(-1)
+        mask[b, where[runs[runs < n]]] = True
     return mask
 
 

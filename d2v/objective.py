@@ -73,6 +73,9 @@ class Data2Vec(nn.Module):
         self.student = encoder
         self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
         self.head = build_head(targets.head, encoder.dim)
+        init = getattr(encoder, "init_weights", None)  # vision and text: the model's init; speech: PyTorch's
+        if init is not None:
+            self.head.apply(init)
         self.targets_cfg = targets
         self.ema_cfg = ema
         self.backend = backend
@@ -80,6 +83,11 @@ class Data2Vec(nn.Module):
             targets.loss_scale
         ]
         self._pairs = self._ema_pairs()
+        # The teacher reuses the student's front-end output (one conv pass fewer per step) when it shares every
+        # front-end parameter: then both compute the same values.
+        front = tuple(getattr(encoder, "front_end", ()))
+        self.reuse_features = bool(front) and all(any(p.startswith(s) for s in ema.shared) for p in front)
+        self.mask_id = getattr(getattr(encoder, "cfg", None), "mask_id", None)  # text: the <mask> token id
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -127,14 +135,17 @@ class Data2Vec(nn.Module):
         # The head runs on every position and the loss selects masked rows: no data-dependent shapes, no sync.
         pred = self.head(out.hidden[:, out.num_prefix :])  # (B, T, D)
         with torch.no_grad():
+            reuse = {"features": out.features.detach()} if self.reuse_features and out.features is not None else {}
             t_out = self.teacher.encode(
-                batch.inputs, padding_mask=batch.padding_mask, output_layers=cfg.layer, top_k=cfg.top_k
+                batch.inputs, padding_mask=batch.padding_mask, output_layers=cfg.layer, top_k=cfg.top_k, **reuse
             )
             layers = [layer[:, t_out.num_prefix :] for layer in t_out.layers]  # K x (B, T, D)
             target = ops.targets(
                 layers, cfg.norm, cfg.final_norm, padding_mask=t_out.padding_mask, eps=cfg.eps, backend=self.backend
             )  # (B, T, D) fp32
         mask = batch.mask if out.padding_mask is None else batch.mask & ~out.padding_mask
+        if batch.student_inputs is not None and self.mask_id is not None and cfg.loss_on == "mask_token":
+            mask = mask & (batch.student_inputs == self.mask_id)  # not the random / unchanged ones
         loss = ops.masked_regression_loss(
             pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend
         )

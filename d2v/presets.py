@@ -5,13 +5,30 @@ from typing import Any
 
 from d2v.config import MODEL_CONFIGS, ConfigError, PretrainConfig, set_by_path
 
-# Vision: base and large follow ../shared/SPEC.md; tiny and small are sized for CPU work on small images.
+# Vision: base and large follow ../shared/SPEC.md and the released data2vec_vision recipe (docs/RECIPES.md);
+# tiny and small are sized for CPU work on small images.
+_VISION = {
+    "data.image_size": 224,
+    "data.crop_scale": (0.08, 1.0),  # BEiT's random resized crop
+    "model.layer_scale_init": 1e-4,
+    "model.attention_dropout": 0.05,
+    "model.drop_path": 0.25,
+    "mask.ratio": 120 / 196,  # the recipe's 120 of 196 patches, masked exactly
+    "optim.lr": 2e-3,
+    "optim.final_lr_ratio": 0.005,  # min lr 1e-5
+    "optim.warmup_fraction": 0.0125,  # 10 of 800 epochs
+    "optim.no_decay": ["1d", "bias", "cls_token"],  # the mask token and relative-position table are decayed
+    "run.batch_size": 2048,
+    "run.steps": 500_000,  # 800 epochs of ImageNet-1k
+}
 _VISION_CPU = {
     "model.image_size": 0,  # from the data
     "model.patch_size": 0,  # chosen from the image size
     "model.in_chans": 0,  # from the data
     "model.drop_path": 0.0,
     "model.layer_scale_init": 0.1,
+    "model.attention_dropout": 0.0,
+    "optim.no_decay": ["1d", "bias", "cls_token", "mask_token", "rel_pos"],
     "mask.min_block": 4,
     "data.image_size": 0,
     "data.crop_scale": (0.7, 1.0),
@@ -47,6 +64,7 @@ _TEXT = {
     "optim.schedule": "cosine",
     "optim.warmup_fraction": 0.01,  # 10k of 1M updates
     "optim.clip_grad": 5.0,
+    "optim.no_decay": [],  # fairseq Adam: weight decay on every parameter
     "run.steps": 1_000_000,
     "run.batch_size": 256,
     "data.vocab_size": 50_000,
@@ -60,6 +78,7 @@ _TEXT_CPU = {
     "data.vocab_size": 4096,
     "optim.lr": 1e-3,
     "optim.warmup_fraction": 0.05,
+    "optim.no_decay": ["1d", "bias"],
     "run.log_every": 10,
 }
 
@@ -67,7 +86,8 @@ _TEXT_CPU = {
 # CPU work on the embedded synthesized speech. Gradient clipping: off, as the fairseq recipe (no clip_norm).
 _SPEECH = {
     "data.source": "default",
-    "data.crop_seconds": 15.625,  # 250k samples
+    "data.crop_seconds": 20.0,  # 320k samples
+    "data.min_seconds": 2.0,  # 32k samples
     "mask.kind": "span",
     "mask.span_length": 10,
     "mask.span_prob": 0.065,
@@ -90,14 +110,17 @@ _SPEECH = {
     "optim.schedule": "tri_stage",
     "optim.warmup_fraction": 0.03,
     "optim.hold_fraction": 0.9,
-    "optim.final_lr_ratio": 0.05,
+    "optim.final_lr_ratio": 0.01,
     "optim.clip_grad": 0.0,
+    "optim.no_decay": [],  # fairseq Adam: weight decay on every parameter
     "run.steps": 400_000,
     "run.batch_size": 256,  # about 63 min of audio per update in the recipe (16 GPUs x 3.8M samples)
 }
 _SPEECH_CPU = {
     **_SPEECH,
     "data.crop_seconds": 1.5,
+    "data.min_seconds": 0.0,
+    "optim.no_decay": ["1d", "bias", "mask_emb"],
     "model.pos_conv_depth": 2,
     "model.layerdrop": 0.0,
     "ema.decay": 0.99,
@@ -133,15 +156,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         # data2vec v1 vision recipe (BEiT augmentation): RandomResizedCrop scale (0.08, 1) from the original image,
         # flip, colour jitter 0.4
-        "base": {"data.image_size": 224, "data.crop_scale": (0.08, 1.0), "data.color_jitter": 0.4},
+        "base": {**_VISION, "data.color_jitter": 0.4},
         "large": {
-            "data.image_size": 224,
+            **_VISION,
             "run.strategy": "fsdp",  # sharded when launched on several processes (FSDP2)
             "data.crop_scale": (0.08, 1.0),
             "data.color_jitter": 0.4,
             "model.dim": 1024,
             "model.depth": 24,
             "model.num_heads": 16,
+            "model.layer_scale_init": 1e-5,
+            "model.attention_dropout": 0.15,
+            "model.drop_path": 0.2,
+            "optim.lr": 1e-3,
+            "optim.final_lr_ratio": 0.01,  # min lr 1e-5
+            "optim.warmup_fraction": 0.1,  # 80 of 800 epochs
+            "run.batch_size": 4096,
+            "run.steps": 250_000,  # 800 epochs of ImageNet-1k at 4096
         },
     },
     "text": {

@@ -65,14 +65,19 @@ def lr_at(cfg, step: int, total: int) -> float:
     raise ConfigError(f"unknown lr schedule {o.schedule!r}; use cosine, tri_stage or constant")
 
 
-def param_groups(model: Data2Vec, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, 1-D parameters and the encoder's named exceptions."""
-    skip = {f"student.{n}" for n in model.student.no_weight_decay()}
+def param_groups(model: Data2Vec, weight_decay: float, exempt: list[str] | tuple[str, ...] = ("1d", "bias")) -> list[dict]:
+    """AdamW groups: weight decay on every trainable parameter except those `exempt` names (optim.no_decay):
+    "1d" (at most one dimension), "bias" (names ending in .bias), or a named student parameter (NO_DECAY_NAMES)."""
+    from d2v.config import NO_DECAY_NAMES
+
+    prefixes = tuple(f"student.{NO_DECAY_NAMES[r]}" for r in exempt if r in NO_DECAY_NAMES)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        skip = (("1d" in exempt and p.ndim <= 1) or ("bias" in exempt and name.endswith(".bias"))
+                or (bool(prefixes) and name.startswith(prefixes)))
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -233,7 +238,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
     strategy = cfg.run.strategy if dist.enabled else "single"
     find_unused = cfg.modality == "speech" and getattr(cfg.model, "layerdrop", 0) > 0  # dropped blocks get no grad
     engine = distributed.wrap(model, dist, cfg.run.strategy, find_unused=find_unused, mp_dtype=amp_dtype)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     total, B = cfg.run.steps, cfg.run.batch_size

@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any, Callable
 
-from d2v.config import PretrainConfig
+from d2v.config import NO_DECAY_RULES, PretrainConfig
 from d2v.errors import ConfigError
 
 MASK_KINDS = {"vision": ("block",), "speech": ("span",), "text": ("bert", "span")}
@@ -74,6 +74,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "eps": _SMALL_POS, "loss_beta": (lambda v: _finite(v) and 0 <= v <= 100, "a number from 0 (L2) to 100"),
         "loss_scale": (lambda v: v in ("one", "inv_dim", "inv_sqrt_dim"), "'one', 'inv_dim' or 'inv_sqrt_dim'"),
         "head": (lambda v: v in ("linear", "mlp"), "'linear' or 'mlp'"),
+        "loss_on": (lambda v: v in ("mask_token", "masked"), "'mask_token' or 'masked'"),
     },
     "ema": {"decay": _UNIT, "end_decay": _UNIT, "anneal_steps": _NONNEG_INT,
             "shared": (lambda v: all(isinstance(x, str) and x for x in v), "a list of parameter-name prefixes")},
@@ -83,6 +84,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "eps": _SMALL_POS, "weight_decay": (lambda v: _finite(v) and 0 <= v <= 10, "a number from 0 to 10"),
         "schedule": (lambda v: v in ("cosine", "tri_stage", "constant"), "'cosine', 'tri_stage' or 'constant'"),
         "warmup_fraction": _PROB, "hold_fraction": _PROB, "final_lr_ratio": _UNIT, "clip_grad": _NONNEG,
+        "no_decay": (lambda v: all(x in NO_DECAY_RULES for x in v), "a list of " + ", ".join(NO_DECAY_RULES)),
     },
     "data": {
         "source": (lambda v: bool(v.strip()), "a built-in dataset name or a path"),
@@ -92,6 +94,7 @@ RULES: dict[str, dict[str, Rule]] = {
                        "two area fractions 0 < min <= max <= 1, e.g. 0.6,1.0"),
         "vocab_size": (lambda v: 300 <= v <= 1_000_000, "an integer from 300 to 1000000"),
         "crop_seconds": (lambda v: _finite(v) and 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"),
+        "min_seconds": (lambda v: _finite(v) and 0 <= v <= 3600, "a number of seconds from 0 to 3600"),
         "num_workers": (lambda v: -1 <= v <= 256, "-1 (automatic) or an integer from 0 to 256"),
         "tokenizer": (lambda v: v == "" or os.path.isfile(os.path.expanduser(v)), "empty or an existing tokenizer.json"),
     },

@@ -21,8 +21,8 @@ ZERO_OK = {
     "model.pad_id", "model.mask_id", "mask.random_token", "mask.unchanged", "targets.loss_beta",
     "ema.decay", "ema.end_decay", "ema.anneal_steps", "optim.weight_decay", "optim.warmup_fraction",
     "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers",
-    "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after", "run.eval_every",
-    "run.checkpoint_minutes",
+    "data.min_seconds", "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after",
+    "run.eval_every", "run.checkpoint_minutes",
     "data.color_jitter",
 }
 MINUS_ONE_OK = {"data.num_workers"}  # -1: automatic

@@ -76,6 +76,7 @@ def test_span_masks_statistics_equal_counts_and_padding():
     # one row at a time (no equalizing to the batch minimum): 1 - (1 - 0.065)^10 = 49% of frames
     single = [span_masks(np.array([1000]), 1000, rng, 0.065, 10) for _ in range(200)]
     assert abs(np.mean(single) - 0.49) < 0.02
+    assert not any(m[0, -1] for m in single), "a span reached the last frame (fairseq never masks it)"
     runs = np.diff(np.concatenate([[0], single[0][0].astype(int), [0]]))
     assert np.median(np.flatnonzero(runs == -1) - np.flatnonzero(runs == 1)) >= 10  # spans of 10, merged if overlapping
     short = span_masks(np.array([3, 1, 50]), 50, rng, 0.065, 10)  # shorter than a span: still >= 1 frame

@@ -56,7 +56,7 @@ def test_layout_matches_spec():
     assert not any("pos_embed" in n for n in names)  # no absolute positions
     assert "blocks.0.attn.q_bias" in names and "blocks.0.attn.v_bias" in names
     assert not any(n.endswith("k_bias") for n in names) and enc.blocks[0].attn.qkv.bias is None
-    assert torch.all(names["blocks.0.gamma_1"] == 0.1)
+    assert torch.all(names["blocks.0.gamma_1"] == 1e-4)  # the released recipe (base)
 
 
 def test_rejects_wrong_image_shape():

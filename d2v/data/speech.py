@@ -300,7 +300,8 @@ class SpeechPipeline:
         if self.max_samples < self.receptive_field:
             raise ConfigError(f"data.crop_seconds {cfg.data.crop_seconds} is shorter than the encoder's receptive "
                               f"field ({self.receptive_field} samples)")
-        self.dataset = load_audio(cfg.data.source, cfg.data.skip_bad_files, m.sample_rate, self.receptive_field,
+        min_samples = max(self.receptive_field, int(round(cfg.data.min_seconds * m.sample_rate)))  # recipe: 32k
+        self.dataset = load_audio(cfg.data.source, cfg.data.skip_bad_files, m.sample_rate, min_samples,
                                   run_dir=run_dir)
         self.order = SampleOrder(len(self.dataset), cfg.run.seed)
 

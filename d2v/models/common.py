@@ -14,12 +14,15 @@ class EncoderOutput:
     hidden: (B, P + T, D) final states, P prefix tokens (vision: 1 CLS) before T positions that masks index.
     layers: K candidate target sub-layer outputs (B, P + T, D) of the top K blocks, bottom to top.
     padding_mask: (B, T) bool, True at padded positions, or None.
+    features: the front end's output before masking (speech: projected conv features (B, T, D)), for a teacher
+    that shares the front end to reuse instead of recomputing it; None where the encoder offers none.
     """
 
     hidden: torch.Tensor
     layers: list[torch.Tensor] = field(default_factory=list)
     num_prefix: int = 0
     padding_mask: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 class DropPath(nn.Module):
@@ -36,14 +39,21 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
-def init_transformer_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Truncated-normal linear/conv/embedding weights, zero biases, unit LayerNorms."""
+def init_transformer_weights(module: nn.Module, std: float = 0.02, trunc: float = 0.0) -> None:
+    """Normal(0, std) linear/conv/embedding weights, cut at +-trunc * std when trunc > 0 (else untruncated, as
+    BERT / RoBERTa's init), zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=std)
+        if trunc > 0:
+            nn.init.trunc_normal_(module.weight, std=std, a=-trunc * std, b=trunc * std)
+        else:
+            nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.trunc_normal_(module.weight, std=std)
+        if trunc > 0:
+            nn.init.trunc_normal_(module.weight, std=std, a=-trunc * std, b=trunc * std)
+        else:
+            nn.init.normal_(module.weight, std=std)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()

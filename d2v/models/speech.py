@@ -2,8 +2,6 @@
 at 16 kHz), LayerNorm + Linear projection, a 5-layer convolutional position encoder, post-LN Transformer blocks."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,6 +115,7 @@ class SpeechEncoder(nn.Module):
     """Waveforms (B, S) at 16 kHz -> frame states (B, T, D), T = conv_output_lengths(S); normalizes input itself."""
 
     num_prefix = 0
+    front_end = ("feature_extractor.", "feature_projection.")  # what produces EncoderOutput.features
 
     def __init__(self, cfg: SpeechModelConfig):
         super().__init__()
@@ -137,12 +136,14 @@ class SpeechEncoder(nn.Module):
                         cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
-        self.apply(init_transformer_weights)
+        # As the reference (fairseq data2vec audio / wav2vec 2.0): the Transformer blocks get BERT's init (normal
+        # std 0.02, zero biases); the conv front end Kaiming normal; the feature projection and the multi-layer
+        # position convs keep PyTorch's default init (the reference's std sqrt(4 / (kernel * dim)) init belongs to
+        # its single weight-normed position conv, which d2v does not have).
+        for block in self.blocks:
+            block.apply(init_transformer_weights)
         for layer in self.feature_extractor.layers:
             nn.init.kaiming_normal_(layer.conv.weight)
-        for conv in self.pos_conv.layers:  # wav2vec 2.0: normal with std sqrt(4 / (kernel * dim))
-            nn.init.normal_(conv.weight, std=math.sqrt(4.0 / (cfg.pos_conv_kernel * cfg.dim)))
-            nn.init.zeros_(conv.bias)
 
     @property
     def dim(self) -> int:
@@ -162,17 +163,24 @@ class SpeechEncoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         output_layers: str | None = None,
         top_k: int = 0,
+        features: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """wave (B, S) float at 16 kHz; mask (B, T) bool, True = frame replaced by the mask embedding;
-        padding_mask (B, S) bool, True at padded samples. output_layers: None, "block" or "ffn"; top_k: how many."""
+        padding_mask (B, S) bool, True at padded samples. output_layers: None, "block" or "ffn"; top_k: how many.
+        features: the front end's output for this `wave` from an encoder with the same front-end weights (the
+        student's, for a teacher that shares them): used instead of running the conv front end again."""
         if wave.dim() != 2:
             raise ValueError(f"expected waveforms (B, S), got {tuple(wave.shape)}")
         if wave.shape[1] < self.receptive_field:
             raise ValueError(f"waveforms need at least {self.receptive_field} samples, got {wave.shape[1]}")
         if padding_mask is not None and not padding_mask.any():
             padding_mask = None
-        x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
-        x = self.feature_projection(x)  # (B, T, D)
+        if features is None:
+            x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
+            x = self.feature_projection(x)  # (B, T, D)
+        else:
+            x = features
+        local = x
         T = x.shape[1]
         pad = None if padding_mask is None else frame_padding_mask(padding_mask, T, self.cfg)  # (B, T)
         if mask is not None:
@@ -196,7 +204,7 @@ class SpeechEncoder(nn.Module):
             x, ffn = block(x, keep)
             if output_layers is not None and i >= first:
                 layers.append(x if output_layers == "block" else ffn)
-        return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=pad)
+        return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=pad, features=local)
 
     def forward(self, wave: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (B, T, D), as Hugging Face's Data2VecAudioModel returns last_hidden_state."""

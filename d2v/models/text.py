@@ -53,6 +53,10 @@ class TextEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()  # biases and norms are already exempt; RoBERTa decays embeddings
 
+    def init_weights(self, module: nn.Module) -> None:
+        """This model's init (BERT's: normal std 0.02, zero biases), for modules built around it (the head)."""
+        init_transformer_weights(module)
+
     def encode(
         self,
         ids: torch.Tensor,

@@ -11,6 +11,13 @@ from torch import nn
 from d2v.config import VisionModelConfig
 from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights
 
+INIT_STD = 0.02
+
+
+def init_vision_weights(module: nn.Module) -> None:
+    """The BEiT / data2vec vision init: truncated normal std 0.02 cut at +-1 std, zero biases, unit LayerNorms."""
+    init_transformer_weights(module, std=INIT_STD, trunc=1.0)
+
 
 def auto_patch_size(image_size: int, max_grid: int = 8) -> int:
     """Smallest divisor >= 2 of image_size giving a grid of at most max_grid x max_grid patches."""
@@ -46,9 +53,10 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.dropout = dropout  # on the attention probabilities, after softmax (training only)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))  # the key has no bias
@@ -59,7 +67,8 @@ class Attention(nn.Module):
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, Dh) each
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype),
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -74,12 +83,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + gamma_1 * attn(LN(x)); x + gamma_2 * mlp(LN(x)). Returns (block output, FFN output)."""
+    """x + gamma_1 * attn(LN(x)); x + gamma_2 * mlp(LN(x)). Returns (block output, FFN branch gamma_2 * mlp(LN(x)),
+    as the block adds it before drop-path and the residual)."""
 
     def __init__(self, cfg: VisionModelConfig, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.dim, cfg.num_heads)
+        self.attn = Attention(cfg.dim, cfg.num_heads, cfg.attention_dropout)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
         self.gamma_1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
@@ -88,8 +98,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), bias))
-        ffn = self.mlp(self.norm2(x))
-        return x + self.drop_path(self.gamma_2 * ffn), ffn
+        ffn = self.gamma_2 * self.mlp(self.norm2(x))
+        return x + self.drop_path(ffn), ffn
 
 
 def as_unit_images(images: torch.Tensor) -> torch.Tensor:
@@ -126,9 +136,9 @@ class VisionEncoder(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.apply(init_transformer_weights)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(init_vision_weights)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
+        nn.init.trunc_normal_(self.mask_token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
         for i, block in enumerate(self.blocks, start=1):  # BEiT: shrink residual branches with depth
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
@@ -139,6 +149,10 @@ class VisionEncoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "mask_token", "rel_pos_bias.table"}
+
+    def init_weights(self, module: nn.Module) -> None:
+        """This model's init, for modules built around it (the regression head)."""
+        init_vision_weights(module)
 
     def encode(
         self,
