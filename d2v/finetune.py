@@ -29,11 +29,11 @@ class FinetuneConfig:
     encoder: str = ""  # a d2v export or run, or a transformers Data2Vec*Model directory
     data: str = "digits"  # a labelled set, as `d2v probe --data` takes it
     holdout: str = ""  # speech: comma-separated globs of the files to test on
-    epochs: float = 30.0
+    epochs: float = 60.0
     steps: int = 0  # 0: epochs x (train items / batch size)
     batch_size: int = 64
-    lr: float = 1e-3
-    layer_decay: float = 0.65  # lr scale per block below the top (BEiT / data2vec fine-tuning)
+    lr: float = 3e-3
+    layer_decay: float = 0.9  # lr scale per block below the top (BEiT / data2vec ViT-B use 0.65 over 12 blocks)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1

@@ -1,5 +1,7 @@
 """Live quality monitor: a k-NN classifier on frozen `embed` features of the student and the EMA teacher, run
 every few updates on a labelled set, because a data2vec loss alone says little about representation quality.
+It takes at most about 10% of the training time: an evaluation that would exceed that waits for a later one
+(the evaluation at the end always runs), and the bank is at most 2000 training and 1000 test items.
 
 The classifier is the weighted k-NN of instance-discrimination work (k = 20, temperature 0.07, cosine
 similarity): each test item votes with its k nearest training items, weighted by exp(similarity / T)."""
@@ -39,7 +41,9 @@ class LabelledSplits:
 class KnnMonitor:
     """k-NN top-1 of the student and the teacher on a labelled set (train split = bank, test split = queries)."""
 
-    def __init__(self, source: str, encoder, max_train: int = 5000, max_test: int = 2000, seed: int = 0):
+    BUDGET = 0.10  # share of the training time the monitor may take; evaluations past it wait (the last one runs)
+
+    def __init__(self, source: str, encoder, max_train: int = 2000, max_test: int = 1000, seed: int = 0):
         from d2v.probe import load_labelled
 
         self.source = source
@@ -49,7 +53,13 @@ class KnnMonitor:
         rng = np.random.default_rng(seed)
         self.train = train.subset(np.sort(rng.permutation(len(train))[:max_train])) if len(train) > max_train else train
         self.test = test.subset(np.sort(rng.permutation(len(test))[:max_test])) if len(test) > max_test else test
-        self.seconds = 0.0
+        self.seconds, self.evaluations = 0.0, 0
+
+    def within_budget(self, train_seconds: float) -> bool:
+        """Whether one more evaluation now keeps the monitor within BUDGET of the training time (judged by the
+        mean cost of the evaluations so far), so it never dominates a run whatever the labelled set's size."""
+        per_eval = self.seconds / self.evaluations if self.evaluations else 0.0
+        return self.seconds + per_eval <= self.BUDGET * train_seconds
 
     @torch.no_grad()
     def _features(self, encoder, dataset, device) -> torch.Tensor:
@@ -73,5 +83,6 @@ class KnnMonitor:
             model.student.train(was_training)
         elapsed = time.perf_counter() - t0
         self.seconds += elapsed
+        self.evaluations += 1
         result["knn_seconds"] = elapsed
         return result

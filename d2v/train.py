@@ -367,7 +367,8 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                     bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
                 elif advanced:
                     bar.update(step)
-                if monitor is not None and advanced and (step % eval_every == 0 or step == total):
+                if monitor is not None and advanced and (step == total or (step % eval_every == 0 and monitor.within_budget(
+                        time.perf_counter() - t_train))):
                     knn = monitor.evaluate(model, device)
                     _log(metrics, tracker, {"step": step, **knn})
                     bar.note(f"k-NN top-1 teacher {knn['knn_teacher']:.3f} student {knn['knn_student']:.3f}")

@@ -87,3 +87,14 @@ def test_init_from_an_export_and_from_transformers(tmp_path):
     assert result.exit_code == 2 and "is a vision encoder" in result.output, result.output
     result = runner.invoke(app, ["pretrain", "--dry-run", "--init-from", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "--init-from" in result.output, result.output
+
+
+def test_monitor_keeps_within_its_share_of_training_time():
+    from d2v.monitor import KnnMonitor
+
+    m = KnnMonitor.__new__(KnnMonitor)
+    m.seconds, m.evaluations = 0.0, 0
+    assert m.within_budget(1.0)  # the first evaluation always runs
+    m.seconds, m.evaluations = 10.0, 1  # one evaluation took 10 s
+    assert not m.within_budget(150.0)  # a second would make 20 s > 10% of 150 s
+    assert m.within_budget(200.0)
