@@ -30,7 +30,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def accuracy_keys(records: list[dict]) -> list[str]:
-    return sorted({k for r in records for k in r if "acc" in k})
+    return sorted({k for r in records for k in r if "acc" in k or (k.startswith("knn_") and k != "knn_seconds")})
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

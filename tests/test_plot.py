@@ -19,7 +19,7 @@ def _run_dir(tmp_path, lines):
 def test_plot_writes_a_png_with_every_panel(tmp_path):
     pytest.importorskip("matplotlib")
     records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "tau": 0.99, "target_std": 1.0, "pred_std": 0.5,
-                "knn_top1": 0.1 * (s % 10)} for s in range(1, 30)]
+                "knn_teacher": 0.1 * (s % 10), "knn_seconds": 1.0} for s in range(1, 30)]
     run = _run_dir(tmp_path, [json.dumps(r) + "\n" for r in records] + ['{"step": 30, "lo'])  # cut last line
     result = runner.invoke(app, ["plot", str(run)])
     assert result.exit_code == 0, result.output
