@@ -201,19 +201,26 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
-    if final.exists():  # the same step saved again (Ctrl-C right after a scheduled checkpoint)
-        old = ckpt_root / f".old-{name}-{os.getpid()}"
+    _publish(run_dir, tmp, final, keep)
+    return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Move the finished checkpoint `tmp` to `final` (replacing the same step saved again, e.g. Ctrl-C right after
+    a scheduled checkpoint), point `latest` at it, and keep the newest `keep` checkpoints."""
+    ckpt_root = final.parent
+    if final.exists():
+        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+    atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -439,18 +446,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():
-            old = ckpt_root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
-        if keep > 0:
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(run_dir, tmp, final, keep)
     barrier()
     return final
 
