@@ -19,6 +19,12 @@ def _group() -> None:
     """Benchmarks of d2v: the hot ops and end-to-end pretraining."""
 
 
+def _write_json(console, path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {path}")
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -82,9 +88,7 @@ def kernels(
         where = f"{s['op']} / {s['case']} / " if "op" in s else ""
         console.print(f"skipped {where}{s['impl']}: {s['reason']}", style="yellow")
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {json_path}")
+        _write_json(console, json_path, result)
 
 
 @app.command()
@@ -127,9 +131,7 @@ def pretrain(
                       _fmt(s["scaling_efficiency"], ".2f"), str(s["runs"]))
     console.print(table)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {json_path}")
+        _write_json(console, json_path, result)
 
 
 @app.command()
@@ -174,6 +176,4 @@ def data(
     if json_path is not None:
         argv = sys.argv[sys.argv.index("data") + 1:] if "data" in sys.argv else []
         result = {"meta": {**meta(), "command": shlex.join(["d2v", "bench", "data", *argv])}, "rows": [row]}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {json_path}")
+        _write_json(console, json_path, result)
