@@ -135,6 +135,49 @@ def pretrain(
 
 
 @app.command()
+def shared(
+    busy: str = typer.Option("python", "--busy", help="The busy process beside the run: python (a pure-Python loop, "
+                             "one core), torch (a stock torch matmul loop, all cores, spinning threads) or d2v (a "
+                             "second copy of the run)."),
+    settings: str = typer.Option(",".join(["libgomp default", "d2v default", "passive", "1 thread"]), "--settings",
+                                 help="Comma-separated thread settings to compare (see bench/shared.py)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Alternating runs per setting and condition."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Logged records to skip (start-up) before the median."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    args: Optional[List[str]] = typer.Argument(None, help="d2v pretrain options after --."),
+) -> None:
+    """Samples/s of `d2v pretrain` alone and beside one busy process, per thread setting (a shared machine)."""
+    from .shared import SETTINGS, run
+
+    chosen = [s.strip() for s in settings.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown:
+        raise typer.BadParameter(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}",
+                                 param_hint="--settings")
+    if busy not in ("python", "torch", "d2v"):
+        raise typer.BadParameter("use python, torch or d2v", param_hint="--busy")
+    console = Console()
+    pretrain_args = list(args or ["--steps", "30", "--set", "run.log_every=5"])
+    try:
+        result = run({s: SETTINGS[s] for s in chosen}, pretrain_args, busy=busy, repeats=repeats, warmup=warmup,
+                     on_row=lambda r: console.print(f"  {r['setting']:16s} {'beside ' + r['beside'] if r['beside'] else 'alone':14s}"
+                                                    f" {r['samples_per_s']:7.1f} samples/s", style="dim"))
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    argv = sys.argv[sys.argv.index("shared") + 1:] if "shared" in sys.argv else []
+    result["meta"]["command"] = shlex.join(["d2v", "bench", "shared", *argv])
+    table = Table(title=f"d2v pretrain alone and beside a busy {busy} process ({result['meta']['cpu_count']} CPUs)")
+    for col in ("setting", "alone samples/s", "beside busy", "kept"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for name, s in result["summary"].items():
+        table.add_row(name, f"{s['alone']:.1f}", f"{s['beside_busy']:.1f}", _fmt(s["kept"], ".2f"))
+    console.print(table)
+    if json_path is not None:
+        _write_json(console, json_path, result)
+
+
+@app.command()
 def data(
     modality: str = typer.Option("vision", "--modality", help="vision, speech or text."),
     source: Optional[str] = typer.Option(None, "--data", help="Built-in name, folder, tar shards or TSV manifest "

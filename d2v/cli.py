@@ -195,6 +195,8 @@ def pretrain(
         table.add_row("skipped files", str(summary.skipped_files))
     if summary.collapsed:
         table.add_row("warning", "representation collapse suspected (see metrics.jsonl)")
+    if summary.slow_warning:
+        table.add_row("warning", escape(summary.slow_warning))
     table.add_row("run directory", escape(str(summary.run_dir)))
     table.add_row("checkpoint", escape(str(summary.checkpoint)))
     console.print(table)
@@ -435,6 +437,9 @@ _mount_bench()
 
 
 def main() -> None:
+    from d2v.threads import apply_env
+
+    apply_env()  # before anything imports torch: OpenMP reads its wait policy and thread count once, at load
     app()
 
 

@@ -107,6 +107,27 @@ class Summary:
     collapsed: bool
     signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 if none
     complete: bool = False  # resumed a run that had already finished: nothing was done
+    slow_warning: str = ""  # throughput_drop's sentence, when the run was far slower than its own best
+
+
+# A run whose typical (median) logged window ran below this fraction of its own best window was slowed by something
+# outside it (mostly another busy process on the same CPUs); the summary says so.
+SLOW_FRACTION = 0.5
+SLOW_MIN_WINDOWS = 4
+
+
+def throughput_drop(rates: list[float]) -> str:
+    """The summary's warning when the median of the logged samples/s windows is below SLOW_FRACTION of the best
+    window (at least SLOW_MIN_WINDOWS windows); "" otherwise. The median ignores the odd slow window (a k-NN
+    evaluation, a checkpoint save, the first steps' warm-up)."""
+    rates = [r for r in rates if math.isfinite(r) and r > 0]
+    if len(rates) < SLOW_MIN_WINDOWS:
+        return ""
+    best, typical = max(rates), sorted(rates)[len(rates) // 2]
+    if typical >= SLOW_FRACTION * best:
+        return ""
+    return (f"throughput was typically {typical:.0f} samples/s, under {SLOW_FRACTION:.0%} of this run's best "
+            f"window ({best:.0f} samples/s): other processes were probably busy on the same CPUs")
 
 
 _StopFlag = distributed.StopSignals  # Ctrl-C / SIGTERM / SIGUSR1 -> save and stop (d2v.finetune uses it too)
@@ -291,6 +312,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
     with distributed.StopSignals() as stop, _progress(console, progress, total, start) as bar, \
             (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics:
         t_log, samples_since = time.perf_counter(), 0
+        window_rates = []  # samples/s of each logged window: the slow-run warning
         try:
             while step < total:
                 lr = lr_at(cfg.optim, step, total)
@@ -343,6 +365,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                     now = time.perf_counter()
                     rate = samples_since / max(now - t_log, 1e-9)
                     t_log, samples_since = now, 0
+                    window_rates.append(rate)
                     record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
                               "target_std": t_std / (accum * dist.world), "pred_std": p_std / (accum * dist.world),
                               "samples_per_s": rate}
@@ -428,10 +451,11 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
         saved_path = ckpt.latest_checkpoint(run_dir)
     if main:
         _plot_if_possible(run_dir)
+    slow = throughput_drop(window_rates)
     return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=last_loss,
                    samples_per_s=(batches_done - batches_start) * B / max(train_s, 1e-9),
                    wall_s=time.perf_counter() - wall0, interrupted=interrupted or bool(stop.signum),
-                   skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum)
+                   skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum, slow_warning=slow)
 
 
 TRAINING_ONLY = ("drop_path", "dropout", "attention_dropout", "activation_dropout", "layerdrop")

@@ -1,0 +1,95 @@
+"""Speed plumbing: thread defaults on a shared machine, the slow-run warning, the step breakdown, the teacher's
+no-grad path and compile settings leave the fp32 losses as they were."""
+import time
+
+import pytest
+
+from conftest import tiny_config
+from d2v import threads
+from d2v.train import SLOW_FRACTION, pretrain, throughput_drop
+
+
+# ---------------------------------------------------------------------------------------------------------- threads
+def test_cpu_budget_is_capped_by_affinity_and_quota():
+    assert threads.cpu_budget(affinity=8, quota=None) == 8
+    assert threads.cpu_budget(affinity=8, quota=2.5) == 2  # docker --cpus 2.5: two whole threads
+    assert threads.cpu_budget(affinity=2, quota=16.0) == 2  # taskset -c 0,1
+    assert threads.cpu_budget(affinity=8, quota=0.5) == 1  # never zero
+    assert threads.cpu_budget(affinity=8, quota=None, processes=3) == 2
+    assert threads.cpu_budget(affinity=2, quota=None, processes=4) == 1
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2 with a quota
+    ({"cpu.max": "max 100000\n"}, None),  # v2 unlimited
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 unlimited
+    ({}, None),  # no cgroup files at all
+])
+def test_cgroup_quota_is_read_from_v1_and_v2(tmp_path, layout, expected):
+    for name, text in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert threads.cgroup_cpus(tmp_path) == expected
+
+
+def test_thread_defaults_leave_what_the_user_set_alone():
+    env = {}
+    chosen = threads.apply_env(env)
+    assert env["OMP_NUM_THREADS"] == str(threads.cpu_budget()) and "GOMP_SPINCOUNT" in env
+    assert chosen == env
+    user = {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.apply_env(user) == {} and user == {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}
+    # under a launcher that says how many processes share the machine, each takes its share
+    env = {"LOCAL_WORLD_SIZE": "64", "KMP_BLOCKTIME": "0"}
+    assert threads.apply_env(env) == {"OMP_NUM_THREADS": "1"}
+
+
+def test_the_cli_sets_the_defaults_before_torch_loads():
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from d2v.threads import apply_env\n"
+            "import d2v.cli\n"
+            "assert 'torch' not in sys.modules, 'd2v.cli imported torch: thread defaults would come too late'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------- slow-run warning
+def test_throughput_drop_rule():
+    assert throughput_drop([100, 100, 100, 100, 100]) == ""
+    assert throughput_drop([100, 20, 20, 20]) != ""  # slowed for most of the run
+    assert throughput_drop([100, 20, 20]) == ""  # too few windows to say
+    assert throughput_drop([30, 100, 100, 10, 100, 100]) == ""  # a warm-up and one eval window: fine
+    edge = [100, SLOW_FRACTION * 100, SLOW_FRACTION * 100, SLOW_FRACTION * 100]
+    assert throughput_drop(edge) == ""  # exactly at the threshold: no warning
+    assert "samples/s" in throughput_drop([100, 40, 40, 40, 40])
+    assert throughput_drop([float("nan"), 0.0, 100, 100]) == ""  # unusable windows are ignored
+
+
+class _FakeClock:
+    """time, except perf_counter: a clock that runs 1 ms per call, 20x faster-ageing after `slow_after` calls
+    (the run then seems to take 20x as long per step, as beside a busy process)."""
+
+    def __init__(self, slow_after: int | None):
+        self.t, self.calls, self.slow_after = 0.0, 0, slow_after
+
+    def perf_counter(self):
+        self.calls += 1
+        slow = self.slow_after is not None and self.calls > self.slow_after
+        self.t += 0.02 if slow else 0.001
+        return self.t
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("slow_after", [None, 12])
+def test_summary_warns_when_the_run_slowed_down(tmp_path, monkeypatch, slow_after):
+    import d2v.train
+
+    monkeypatch.setattr(d2v.train, "time", _FakeClock(slow_after))
+    s = pretrain(tiny_config(**{"run.steps": 16, "run.log_every": 2}), out=tmp_path / "run", progress=False)
+    assert s.steps == 16
+    assert bool(s.slow_warning) == (slow_after is not None)
