@@ -99,11 +99,19 @@ def pretrain(
     warmup: int = typer.Option(2, "--warmup", min=0, help="Logged records to skip (start-up) before the median."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Runs per process count, alternating the counts."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    breakdown: bool = typer.Option(False, "--breakdown", help="Instead: one run in this process, the time of each "
+                                   "phase of the step (data, student forward, teacher forward, targets, loss, "
+                                   "backward, optimizer, EMA); --warmup counts steps then."),
     args: Optional[List[str]] = typer.Argument(None, help="d2v pretrain options after --, e.g. -- --modality "
                                                "speech --steps 60 --set run.log_every=5"),
 ) -> None:
-    """Samples/s of `d2v pretrain` per process count (torchrun on this machine) and the scaling efficiency."""
+    """Samples/s of `d2v pretrain` per process count (torchrun on this machine) and the scaling efficiency; with
+    --breakdown, where the time of one process's step goes."""
     from .pretrain import run
+
+    if breakdown:
+        _breakdown(list(args or ["--steps", "12"]), max(1, warmup), json_path)
+        return
 
     try:
         counts = sorted({int(n) for n in nproc.split(",") if n.strip()})
@@ -132,6 +140,34 @@ def pretrain(
     console.print(table)
     if json_path is not None:
         _write_json(console, json_path, result)
+
+
+def _breakdown(args: list[str], warmup: int, json_path: Optional[Path]) -> None:
+    import time
+
+    from .pretrain import PHASES, breakdown
+
+    console = Console()
+    try:
+        result = breakdown(args, warmup)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    c = result["config"]
+    table = Table(title=f"d2v pretrain step: {c['modality']} {c['recipe']} {c['preset']}, batch {c['batch_size']}, "
+                        f"{c['precision']}, compile {c['compile']}, {c['threads']} threads: "
+                        f"{result['step_ms']:.1f} ms/step, {_fmt(result['samples_per_s'], '.1f')} samples/s")
+    for col in ("phase", "ms / step", "share"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name in (*PHASES, "other"):
+        table.add_row(name, f"{result['phases_ms'][name]:.2f}", _fmt(100 * (result["phases_share"][name] or 0), ".1f"))
+    console.print(table)
+    console.print(f"{result['steps_timed']} steps timed after {warmup} warm-up steps", style="dim")
+    if json_path is not None:
+        argv = sys.argv[sys.argv.index("pretrain") + 1:] if "pretrain" in sys.argv else []
+        meta = {"command": shlex.join(["d2v", "bench", "pretrain", *argv]), "date": time.strftime("%Y-%m-%d"),
+                "warmup_steps": warmup}
+        _write_json(console, json_path, {"meta": meta, "breakdown": result})
 
 
 @app.command()

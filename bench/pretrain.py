@@ -74,3 +74,129 @@ def run(nprocs: list[int], args: list[str], threads: int | None = None, warmup: 
     except Exception:  # noqa: BLE001 - informational only
         pass
     return {"meta": meta, "rows": rows, "summary": {str(n): s for n, s in summary.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ step breakdown
+PHASES = ("data", "student_forward", "teacher_forward", "targets", "loss", "backward", "optimizer", "ema")
+
+
+class StepTimes:
+    """Seconds spent in each phase of the training step, for `pretrain(..., step_times=...)`.
+
+    A phase's time excludes the phases timed inside it: "loss" is the objective's forward less the student, the
+    teacher and the targets (so: the loss, its statistics and the glue). "other" is the rest of a step (learning
+    rate, logging, checks). On CUDA every phase boundary synchronizes, which slows the run a little but puts the time
+    where it is spent. Steps before `warmup` (start-up, first kernel compilations) are not counted."""
+
+    def __init__(self, warmup: int = 2, cuda: bool = False):
+        import torch
+
+        self.warmup, self.sync = max(1, warmup), (torch.cuda.synchronize if cuda else (lambda: None))
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.stack: list[float] = []
+        self.steps, self.step_s, self.t_last = 0, 0.0, time.perf_counter()
+        self._restore: list = []
+
+    def phase(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            self.sync()
+            t0 = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                yield
+            finally:
+                self.sync()
+                dt, inner = time.perf_counter() - t0, self.stack.pop()
+                if self.steps >= self.warmup:
+                    self.totals[name] += dt - inner
+                if self.stack:
+                    self.stack[-1] += dt
+
+        return timed()
+
+    def _wrap(self, owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return original(*args, **kwargs)
+
+        self._restore.append((owner, attr, owner.__dict__.get(attr)))
+        setattr(owner, attr, timed)
+
+    def attach(self, model) -> None:
+        """Time the objective's parts: the student path (encoder + head or decoder), the teacher, the targets."""
+        from d2v import ops
+
+        for attr in ("_predict_v1", "_predict_v2"):
+            if hasattr(model, attr):
+                self._wrap(model, attr, "student_forward")
+        self._wrap(model.teacher, "encode", "teacher_forward")
+        self._wrap(ops, "targets", "targets")
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self.steps >= self.warmup:
+            self.step_s += now - self.t_last
+        self.t_last, self.steps = now, self.steps + 1
+
+    def close(self) -> None:
+        """Undo attach (the objective's methods and d2v.ops.targets are themselves again)."""
+        for owner, attr, value in reversed(self._restore):
+            if value is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, value)
+        self._restore.clear()
+
+    def result(self, batch_size: int) -> dict:
+        counted = max(0, self.steps - self.warmup)
+        per_step = {k: v / max(counted, 1) for k, v in self.totals.items()}
+        step = self.step_s / max(counted, 1)
+        per_step["other"] = max(0.0, step - sum(per_step.values()))
+        return {"steps_timed": counted, "step_ms": 1e3 * step, "samples_per_s": batch_size / step if step else None,
+                "phases_ms": {k: 1e3 * v for k, v in per_step.items()},
+                "phases_share": {k: (v / step if step else None) for k, v in per_step.items()}}
+
+
+def breakdown(args: list[str], warmup: int = 2) -> dict:
+    """Run `d2v pretrain ARGS` in this process with a StepTimes; its result plus the run's config summary."""
+    import functools
+
+    import torch
+    from rich.console import Console
+
+    import d2v.train
+    from d2v import cli
+
+    seen = {}
+    original = d2v.train.pretrain
+
+    def timed_pretrain(cfg, **kwargs):
+        seen["cfg"] = cfg
+        seen["times"] = StepTimes(warmup, cuda=d2v.train.resolve_device(cfg.run.device).type == "cuda")
+        try:
+            return original(cfg, **kwargs, step_times=seen["times"])
+        finally:
+            seen["times"].close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d2v.train.pretrain = functools.wraps(original)(timed_pretrain)
+        quiet = cli.console.quiet
+        cli.console.quiet = True
+        try:
+            code = cli.app(["pretrain", *args, "--out", str(Path(tmp) / "run"), "--no-progress"],
+                           standalone_mode=False)
+        finally:
+            d2v.train.pretrain, cli.console.quiet = original, quiet
+    if "times" not in seen or code:
+        raise RuntimeError(f"d2v pretrain {' '.join(args)} failed (exit {code}; its error is shown above)")
+    cfg = seen["cfg"]
+    result = seen["times"].result(cfg.run.batch_size)
+    result["config"] = {"modality": cfg.modality, "recipe": getattr(cfg, "recipe", "v1"), "preset": cfg.preset,
+                        "batch_size": cfg.run.batch_size, "precision": cfg.run.precision,
+                        "compile": getattr(cfg.run, "compile", "off"), "threads": torch.get_num_threads()}
+    return result

@@ -87,6 +87,19 @@ def validate(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True)
     validate_config(cfg, data_ready, memory)
 
 
+class _NoTimes:
+    """The step timer of a normal run: times nothing (d2v.bench.pretrain.StepTimes is the real one)."""
+
+    def attach(self, model) -> None:
+        pass
+
+    def phase(self, name: str):
+        return contextlib.nullcontext()
+
+    def step_done(self) -> None:
+        pass
+
+
 class DivergedError(UserError):
     """The loss or the weights became non-finite; no checkpoint was written after it."""
 
@@ -183,11 +196,12 @@ def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[ru
 
 
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
-             progress: bool = True) -> Summary:
+             progress: bool = True, step_times=None) -> Summary:
     """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
     is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`.
 
-    Under torchrun every process calls this; they join one process group and train one run (d2v.distributed)."""
+    Under torchrun every process calls this; they join one process group and train one run (d2v.distributed).
+    step_times: an object timing the step's phases (d2v.bench.pretrain.StepTimes), or None."""
     from rich.console import Console
 
     if resume and out is None:
@@ -209,12 +223,12 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         console = console or Console()
         if not dist.is_main:
             console, progress = Console(quiet=True), False  # one progress display and one log: rank 0's
-        return _pretrain(cfg, out, resume, console, progress, dist)
+        return _pretrain(cfg, out, resume, console, progress, dist, step_times or _NoTimes())
     finally:
         distributed.shutdown(dist)
 
 
-def _pretrain(cfg, out, resume: bool, console, progress: bool, dist) -> Summary:
+def _pretrain(cfg, out, resume: bool, console, progress: bool, dist, times) -> Summary:
     from rich.markup import escape
 
     say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
@@ -242,17 +256,18 @@ def _pretrain(cfg, out, resume: bool, console, progress: bool, dist) -> Summary:
     if failed:
         raise CheckpointError(f"rank 0 could not open the run directory {run_dir} (its error is shown above)")
     try:
-        return _train(cfg, run_dir, bool(fresh), pipeline, device, console, say, progress, wall0, dist)
+        return _train(cfg, run_dir, bool(fresh), pipeline, device, console, say, progress, wall0, dist, times)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float,
-           dist) -> Summary:
+           dist, times) -> Summary:
     main = dist.is_main
     torch.manual_seed(cfg.run.seed)
     model = build_objective(cfg).to(device)
+    times.attach(model)
     if fresh and cfg.run.init_from:
         init_from(model, cfg.run.init_from, say)  # before sharding: every rank loads the same full weights
     amp_dtype = PRECISIONS[cfg.run.precision]
@@ -321,39 +336,44 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
                 # summed over this rank's micro-batches: loss x masked count, masked count, target std, pred std
                 sums = torch.zeros(4, device=device)
                 for micro in range(accum):
-                    first, batch = next(batches)
-                    torch.manual_seed(torch_seed(cfg.run.seed, first))  # dropout / drop-path: by sample position
-                    batch = pipeline.on_device(batch.to(device), first)
+                    with times.phase("data"):
+                        first, batch = next(batches)
+                        torch.manual_seed(torch_seed(cfg.run.seed, first))  # dropout / drop-path: by sample position
+                        batch = pipeline.on_device(batch.to(device), first)
                     with distributed.no_sync(engine, last=micro == accum - 1):
-                        with autocast:
+                        with autocast, times.phase("loss"):  # the forward's other parts are timed inside it
                             loss, stats = engine(batch)
                         # The loss summed over masked positions; the gradient is divided by the global count below,
                         # so every masked position weighs the same however the batch is split over ranks and
                         # micro-batches (speech and text masks differ in size from sample to sample).
-                        scaler.scale(loss * stats["masked"]).backward()
+                        with times.phase("backward"):
+                            scaler.scale(loss * stats["masked"]).backward()
                     sums += torch.stack([loss.detach() * stats["masked"], stats["masked"], stats["target_std"],
                                          stats["pred_std"]]).float()
                 distributed.all_sum_(sums, dist)
                 in_update = True
-                # DDP / FSDP averaged the gradients over ranks: times world / (global masked count) makes the mean
-                grads = [distributed.local(p.grad) for p in params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, dist.world / sums[1].clamp_min(1.0))
-                if cfg.optim.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                with times.phase("optimizer"):
+                    # DDP / FSDP averaged the gradients over ranks: times world / (global masked count) makes the mean
+                    grads = [distributed.local(p.grad) for p in params if p.grad is not None]
+                    if grads:
+                        torch._foreach_mul_(grads, dist.world / sums[1].clamp_min(1.0))
+                    if cfg.optim.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+                    scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
                 batches_done += 1
                 samples_since += B
                 # The scaler lowered its scale: the gradients overflowed and the optimizer did not step. The update
                 # did not happen, so neither do the step count, the LR schedule or the EMA (as fairseq does).
                 advanced = not (scaler.is_enabled() and scaler.get_scale() < scale_before)
                 if advanced:
-                    tau = model.ema_step(step + 1)
+                    with times.phase("ema"):
+                        tau = model.ema_step(step + 1)
                     step += 1
+                    times.step_done()
                 else:
                     skipped_updates += 1
                 in_update = False
