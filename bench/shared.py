@@ -25,6 +25,7 @@ BUSY = {
 SETTINGS = {
     "libgomp default": {"GOMP_SPINCOUNT": "300000"},
     "d2v default": {},
+    "spin 10000": {"GOMP_SPINCOUNT": "10000"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }

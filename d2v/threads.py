@@ -16,10 +16,11 @@ import math
 import os
 from pathlib import Path
 
-# Spin this many iterations at a barrier before sleeping (libgomp's own default is 300000, and 0 under
-# OMP_WAIT_POLICY=PASSIVE). A short spin keeps the wake-up latency off the back-to-back small ops of an idle run
-# and stops spinning before it steals a time slice from another process. Measured: bench/RESULTS.md "Threads".
-SPIN_COUNT = 10000
+# Idle OpenMP threads sleep at once instead of spinning (libgomp's default spins 300000 iterations first). Measured
+# on the shared 2-core machine (bench/RESULTS.md, "Threads on a shared machine"): passive waiting was faster alone
+# (other engineers' jobs were running) and kept about half of that beside a busy process, where libgomp's default
+# kept under a fifth; a short spin (GOMP_SPINCOUNT=10000) came between the two.
+WAIT_POLICY = "PASSIVE"
 # Variables that, when the user set any of them, mean the user chose how OpenMP waits.
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
@@ -66,7 +67,7 @@ def apply_env(environ=None) -> dict[str, str]:
         # torchrun sets OMP_NUM_THREADS=1 itself for several processes; a bare launcher may not
         chosen["OMP_NUM_THREADS"] = str(cpu_budget(processes=int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
     if not any(v in environ for v in WAIT_VARS):
-        chosen["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        chosen["OMP_WAIT_POLICY"] = WAIT_POLICY
     environ.update(chosen)
     return chosen
 
