@@ -197,6 +197,7 @@ class RunConfig:
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     device: str = "auto"
     kernels: str = "auto"
+    compile: str = "auto"  # torch.compile the student and teacher forward: "auto" | "on" | "off" (d2v.train.use_compile)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)

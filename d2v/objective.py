@@ -181,7 +181,7 @@ class Data2Vec(nn.Module):
         cfg = self.targets_cfg
         pred, out = self._predict_v2(batch) if self.v2 else self._predict_v1(batch)
         clones = batch.clones if self.v2 else 1
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd records, and no version counters or view tracking either
             reuse = {"features": out.features.detach()} if self.reuse_features and out.features is not None else {}
             t_out = self.teacher.encode(
                 batch.inputs, padding_mask=batch.padding_mask, output_layers=cfg.layer, top_k=cfg.top_k, **reuse

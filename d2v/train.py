@@ -87,6 +87,28 @@ def validate(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True)
     validate_config(cfg, data_ready, memory)
 
 
+# --compile auto compiles a CUDA run of at least this many updates: compiling the forward takes about a minute
+# there, so the few percent a step saves must be repaid over many steps. Never on the CPU: on the 2-core test machine
+# compiling took 552 s and made the tiny preset's step 9% faster (break-even after ~5000 steps; bench/RESULTS.md).
+COMPILE_MIN_STEPS = 2000
+
+
+def use_compile(mode: str, device_type: str, steps: int) -> bool:
+    """Whether run.compile = mode compiles the forward of a run of `steps` updates on `device_type`."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return device_type == "cuda" and steps >= COMPILE_MIN_STEPS
+
+
+def compile_forward(model) -> None:
+    """torch.compile the student's path (encoder + head or decoder) and the teacher's encoder; the weights, the EMA
+    and the checkpoints are the uncompiled modules' own (the hot ops are custom ops that compile as one node)."""
+    for attr in ("_predict_v1", "_predict_v2"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.compile(getattr(model, attr)))
+    model.teacher.encode = torch.compile(model.teacher.encode)
+
+
 class _NoTimes:
     """The step timer of a normal run: times nothing (d2v.bench.pretrain.StepTimes is the real one)."""
 
@@ -145,8 +167,8 @@ def throughput_drop(rates: list[float]) -> str:
 _StopFlag = distributed.StopSignals  # Ctrl-C / SIGTERM / SIGUSR1 -> save and stop (d2v.finetune uses it too)
 
 # Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding).
-RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers", "run.grad_accum", "run.strategy",
-                     "run.checkpoint_minutes")
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "run.compile", "data.num_workers", "run.grad_accum",
+                     "run.strategy", "run.checkpoint_minutes")
 
 
 def resolve_run_dir(cfg: PretrainConfig, out: Path | None, when: float | None = None) -> Path:
@@ -267,6 +289,8 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
     main = dist.is_main
     torch.manual_seed(cfg.run.seed)
     model = build_objective(cfg).to(device)
+    if use_compile(cfg.run.compile, device.type, cfg.run.steps):
+        compile_forward(model)
     times.attach(model)
     if fresh and cfg.run.init_from:
         init_from(model, cfg.run.init_from, say)  # before sharding: every rank loads the same full weights

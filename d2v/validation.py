@@ -119,6 +119,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                    "auto, cpu, cuda or cuda:N"),
         "kernels": (lambda v: v in KERNELS, ", ".join(KERNELS)),
+        "compile": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
         "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
         "log_every": _POS_INT, "checkpoint_every": _NONNEG_INT, "keep_checkpoints": _NONNEG_INT,
         "checkpoint_minutes": (lambda v: _finite(v) and 0 <= v <= 1e6, "minutes from 0 (never) to 1000000"),
@@ -137,7 +138,7 @@ RULES: dict[str, dict[str, Rule]] = {
 FLAGS = {
     "data.source": "--data", "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
     "optim.lr": "--lr", "data.image_size": "--image-size", "run.device": "--device", "run.precision": "--precision",
-    "run.kernels": "--kernels", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
+    "run.kernels": "--kernels", "run.compile": "--compile", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
     "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "data.tokenizer": "--tokenizer",
     "run.eval_data": "--eval-data", "run.eval_every": "--eval-every", "run.log": "--log", "run.init_from": "--init-from",
 }

@@ -93,3 +93,61 @@ def test_summary_warns_when_the_run_slowed_down(tmp_path, monkeypatch, slow_afte
     s = pretrain(tiny_config(**{"run.steps": 16, "run.log_every": 2}), out=tmp_path / "run", progress=False)
     assert s.steps == 16
     assert bool(s.slow_warning) == (slow_after is not None)
+
+
+# ------------------------------------------------------------------------------ same losses with the speed changes
+def test_teacher_without_autograd_bookkeeping_gives_the_same_loss_and_gradients(monkeypatch):
+    """The teacher runs under inference_mode; under no_grad (the old path) loss and gradients are bit-identical."""
+    import torch
+
+    from d2v.data.pipeline import build_pipeline
+    from d2v.objective import build_objective
+
+    cfg = tiny_config()
+    batch = build_pipeline(cfg).micro_batch(0, 16)
+
+    def loss_and_grads():
+        torch.manual_seed(0)
+        model = build_objective(cfg)
+        loss, stats = model(batch)
+        (loss * stats["masked"]).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    new_loss, new_grads = loss_and_grads()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "inference_mode", torch.no_grad)
+        old_loss, old_grads = loss_and_grads()
+    assert torch.equal(new_loss, old_loss)
+    assert len(new_grads) == len(old_grads) and all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+
+
+def test_step_breakdown_times_every_phase_and_changes_nothing(tmp_path):
+    import json
+
+    from d2v.bench.pretrain import PHASES, StepTimes
+    from d2v import ops
+
+    cfg = lambda: tiny_config(**{"run.steps": 5})  # noqa: E731
+    plain = pretrain(cfg(), out=tmp_path / "plain", progress=False)
+    times = StepTimes(warmup=2)
+    original_targets = ops.targets
+    try:
+        timed = pretrain(cfg(), out=tmp_path / "timed", progress=False, step_times=times)
+    finally:
+        times.close()
+    assert ops.targets is original_targets  # close() undid the timing wrappers
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("plain", "timed")]
+    assert losses[0] == losses[1] and plain.final_loss == timed.final_loss
+    result = times.result(batch_size=16)
+    assert result["steps_timed"] == 3
+    assert all(result["phases_ms"][p] > 0 for p in PHASES)
+    assert abs(sum(result["phases_share"].values()) - 1.0) < 1e-6
+
+
+def test_compile_auto_rule():
+    from d2v.train import COMPILE_MIN_STEPS, use_compile
+
+    assert not use_compile("auto", "cpu", 10**6)  # compiling never pays on the CPU (measured)
+    assert use_compile("auto", "cuda", COMPILE_MIN_STEPS) and not use_compile("auto", "cuda", COMPILE_MIN_STEPS - 1)
+    assert use_compile("on", "cpu", 1) and not use_compile("off", "cuda", 10**6)
