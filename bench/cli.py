@@ -214,6 +214,40 @@ def shared(
 
 
 @app.command()
+def peer(
+    peer_python: Optional[str] = typer.Option(None, "--peer-python", help="Python of an environment with birder "
+                                              "installed (optional; without it only d2v runs)."),
+    steps: int = typer.Option(30, "--steps", min=4, help="Training steps per run."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Alternating d2v / birder runs."),
+    recipe: str = typer.Option("v1", "--recipe", help="d2v recipe to run (v1 or v2)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """d2v against birder at birder's data2vec config (32 px RGB, patch 4, dim 192, depth 6, batch 64): samples/s
+    of each in alternating runs and the ratio."""
+    from .peer import run
+
+    console = Console()
+    try:
+        result = run(peer_python, steps=steps, repeats=repeats, recipe=recipe,
+                     on_row=lambda r: console.print(f"  {r['impl']:7s} {r['samples_per_s']:7.1f} samples/s",
+                                                    style="dim"))
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    med = result["median_samples_per_s"]
+    line = f"d2v {recipe}: {med['d2v']:.1f} samples/s"
+    if result["ratio_d2v_over_birder"] is not None:
+        line += f"; birder: {med['birder']:.1f} samples/s; ratio d2v / birder {result['ratio_d2v_over_birder']:.2f}"
+    else:
+        line += f" (birder not run: {result['meta']['peer_missing']})"
+    console.print(line, highlight=False)
+    if json_path is not None:
+        argv = sys.argv[sys.argv.index("peer") + 1:] if "peer" in sys.argv else []
+        result["meta"]["command"] = shlex.join(["d2v", "bench", "peer", *argv])
+        _write_json(console, json_path, result)
+
+
+@app.command()
 def data(
     modality: str = typer.Option("vision", "--modality", help="vision, speech or text."),
     source: Optional[str] = typer.Option(None, "--data", help="Built-in name, folder, tar shards or TSV manifest "
