@@ -106,6 +106,7 @@ FLAGS = {
     "--seed": ["abc", "-1", "100000000000000000000"], "--checkpoint-every": ["abc", "-1", "nan"],
     "--num-workers": ["abc", "-1", "100000"], "--device": ["tpu", "cuda:x", ""], "--precision": ["fp8", ""],
     "--kernels": ["fast"], "--preset": ["huge"], "--modality": ["smell"], "--set": ["novalue", "x.y=1", "run=3"],
+    "--compile": ["fast", ""],
 }
 
 
