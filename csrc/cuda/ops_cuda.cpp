@@ -236,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
     at::Tensor counters = at::zeros({2}, pred.options().dtype(at::kLong));
     check(cuda::regression_loss(pred.data_ptr(), dtype_of(pred.scalar_type()), target.data_ptr(),
                                 dtype_of(target.scalar_type()), mask.defined() ? mask.data_ptr<bool>() : nullptr, R,
-                                D, loss_rows_per_sample(pred), clones, static_cast<float>(beta), static_cast<float>(scale), reduction == "mean",
+                                D, loss_rows_per_sample(pred), clones, static_cast<float>(beta),
+                                static_cast<float>(scale), reduction == "mean",
                                 need_grad ? grad.data_ptr() : nullptr, loss.data_ptr<float>(),
                                 partials.data_ptr<float>(),
                                 reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()), stream));
