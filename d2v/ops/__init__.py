@@ -9,6 +9,7 @@ Each is a registered torch custom op (namespace `d2v`) so torch.compile does not
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -177,7 +178,7 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 def _check_loss_shapes(pred: torch.Tensor, target: torch.Tensor, clones: int) -> None:
     """pred (clones * B, *S, D) against target (B, *S, D), or one ValueError naming both shapes."""
-    if isinstance(clones, bool) or not isinstance(clones, int) or clones < 1:
+    if isinstance(clones, bool) or not isinstance(clones, (numbers.Integral, torch.SymInt)) or clones < 1:
         raise ValueError(f"clones must be an integer >= 1, got {clones!r}")
     p, t = tuple(pred.shape), tuple(target.shape)
     if (pred.dim() < 2 or pred.dim() != target.dim() or p[1:] != t[1:] or p[0] != clones * t[0]):
