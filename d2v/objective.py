@@ -226,7 +226,7 @@ class Data2Vec(nn.Module):
         if batch.student_inputs is not None and self.mask_id is not None and cfg.loss_on == "mask_token":
             mask = mask & (batch.student_inputs == self.mask_id)  # not the random / unchanged ones
         # One teacher pass serves every clone: the loss pairs pred row i with target row i // clones (no copies).
-        loss = _loss(
+        loss = ops.masked_regression_loss(
             pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend,
             clones=clones,
         )
@@ -236,7 +236,7 @@ class Data2Vec(nn.Module):
             # which ties the weight to the per-GPU batch; here the weight multiplies the mean over clones, so the
             # loss is the same on any number of processes (the presets carry the reference's effective weight).
             cls_target = target.mean(dim=1, keepdim=True)  # (B, 1, D)
-            cls_loss = _loss(
+            cls_loss = ops.masked_regression_loss(
                 out.hidden[:, :1], cls_target, None, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean",
                 backend=self.backend, clones=clones,
             )
@@ -250,12 +250,6 @@ class Data2Vec(nn.Module):
                 "masked": w.sum(),
             }
         return loss, stats
-
-
-def _loss(pred, target, mask, clones=1, **kw):  # TEMPORARY until the op takes clones (branch `clones`)
-    if clones > 1:
-        target = target.repeat_interleave(clones, 0)
-    return ops.masked_regression_loss(pred, target, mask, **kw)
 
 
 def build_objective(cfg, encoder: nn.Module | None = None) -> Data2Vec:
