@@ -34,11 +34,39 @@ class Batch:
     keep: torch.Tensor | None = None
     keep_padding: torch.Tensor | None = None
     clones: int = 1
+    first: int = 0  # global sample position of the first sample (data2vec 2.0's decoder noise is drawn by position)
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.inputs), move(self.mask), move(self.student_inputs), move(self.padding_mask),
-                     move(self.keep), move(self.keep_padding), self.clones)
+                     move(self.keep), move(self.keep_padding), self.clones, self.first)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in [0, 2^32); products
+    stay below 2^63, so no step overflows."""
+    for mult in (0x7FEB352D, 0x5BD1E995, 0x27D4EB2F):
+        x = x ^ (x >> 15)
+        x = (x * mult) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, int], device,
+                   dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) noise of shape (B * clones, T, D) whose element (row, t, d) is a function of (seed, global sample
+    position first + row // clones, row % clones, t, d) alone: the same however a batch is split over processes
+    and micro-batches. Counter-based (hash of the element's global index), Box-Muller from two hashes."""
+    B2, T, D = shape
+    rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones  # global clone index
+    index = (rows[:, None, None] * T + torch.arange(T, device=device)[None, :, None]) * D \
+        + torch.arange(D, device=device)[None, None, :]
+    salt = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    low, high = index & 0xFFFFFFFF, (index >> 32) & 0xFFFFFFFF
+    key = _hash32(low ^ _hash32(high ^ salt))
+    u1 = (_hash32(key ^ 0x1B873593).to(torch.float64) + 1.0) / 4294967296.0  # (0, 1]
+    u2 = _hash32(key ^ 0x68E31DA4).to(torch.float64) / 4294967296.0
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return z.to(dtype)
 
 
 def ema_decay(cfg: EMAConfig, step: int) -> float:
@@ -79,8 +107,9 @@ class Data2Vec(nn.Module):
     (teacher, EMA, targets, loss) is the same code for both."""
 
     def __init__(self, encoder: nn.Module, targets: TargetConfig, ema: EMAConfig, backend: str = "auto",
-                 decoder: DecoderConfig | None = None):
+                 decoder: DecoderConfig | None = None, seed: int = 0):
         super().__init__()
+        self.seed = seed
         main_blocks = len(encoder.blocks) - getattr(getattr(encoder, "cfg", None), "prenet_depth", 0)
         if not 1 <= targets.top_k <= main_blocks:
             raise ValueError(f"top_k must be between 1 and the encoder's {main_blocks} target blocks, "
@@ -171,7 +200,7 @@ class Data2Vec(nn.Module):
         B2, T = batch.mask.shape
         # masked slots: N(0, 0.01) noise; padding: zeros; kept slots: the student's outputs (filler slots land in an
         # extra column T that is dropped)
-        noise = torch.randn(B2, T, x.shape[-1], device=x.device, dtype=x.dtype) * 0.01
+        noise = position_noise(self.seed, batch.first, batch.clones, (B2, T, x.shape[-1]), x.device, x.dtype) * 0.01
         noise = noise * batch.mask.unsqueeze(-1).to(x.dtype)
         full = torch.cat([noise, noise.new_zeros(B2, 1, x.shape[-1])], dim=1)
         full = full.scatter(1, batch.keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)[:, :T]
@@ -197,7 +226,7 @@ class Data2Vec(nn.Module):
         if batch.student_inputs is not None and self.mask_id is not None and cfg.loss_on == "mask_token":
             mask = mask & (batch.student_inputs == self.mask_id)  # not the random / unchanged ones
         # One teacher pass serves every clone: the loss pairs pred row i with target row i // clones (no copies).
-        loss = _loss(
+        loss = ops.masked_regression_loss(
             pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend,
             clones=clones,
         )
@@ -207,7 +236,7 @@ class Data2Vec(nn.Module):
             # which ties the weight to the per-GPU batch; here the weight multiplies the mean over clones, so the
             # loss is the same on any number of processes (the presets carry the reference's effective weight).
             cls_target = target.mean(dim=1, keepdim=True)  # (B, 1, D)
-            cls_loss = _loss(
+            cls_loss = ops.masked_regression_loss(
                 out.hidden[:, :1], cls_target, None, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean",
                 backend=self.backend, clones=clones,
             )
@@ -223,16 +252,10 @@ class Data2Vec(nn.Module):
         return loss, stats
 
 
-def _loss(pred, target, mask, clones=1, **kw):  # TEMPORARY until the op takes clones (branch `clones`)
-    if clones > 1:
-        target = target.repeat_interleave(clones, 0)
-    return ops.masked_regression_loss(pred, target, mask, **kw)
-
-
 def build_objective(cfg, encoder: nn.Module | None = None) -> Data2Vec:
     """The objective of a PretrainConfig: its recipe picks the student path (v1: head, v2: decoder)."""
     from d2v.models import build_encoder
 
     encoder = build_encoder(cfg.model) if encoder is None else encoder
     return Data2Vec(encoder, cfg.targets, cfg.ema, backend=cfg.run.kernels,
-                    decoder=cfg.decoder if cfg.recipe == "v2" else None)
+                    decoder=cfg.decoder if cfg.recipe == "v2" else None, seed=cfg.run.seed)

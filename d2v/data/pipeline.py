@@ -104,7 +104,7 @@ class VisionPipeline:
             images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
         clones = self.cfg.mask.clones if self.cfg.recipe == "v2" else 1
         mask = _masks(self.cfg.mask, self.grid, sample_rngs(self.cfg.run.seed, 1, first, count), clones)
-        return make_batch(self.cfg, inputs=images, mask=mask)
+        return make_batch(self.cfg, first, inputs=images, mask=mask)
 
     def run_files(self) -> dict[str, bytes]:
         """The list of image files, kept in the run directory so a resumed run reads the same samples."""
@@ -137,8 +137,8 @@ def _masks(mc, grid: tuple[int, int], rngs: list[np.random.Generator], clones: i
     raise ConfigError(f"mask kind {mc.kind!r} is not available for images; use 'block' or 'inverse_block'")
 
 
-def make_batch(cfg: PretrainConfig, inputs: torch.Tensor, mask: np.ndarray, valid: np.ndarray | None = None,
-               **fields) -> Batch:
+def make_batch(cfg: PretrainConfig, first: int, inputs: torch.Tensor, mask: np.ndarray,
+               valid: np.ndarray | None = None, **fields) -> Batch:
     """A CPU Batch; for data2vec 2.0 also the positions each clone's student encodes, computed here (in the
     DataLoader worker) so the device never waits on a data-dependent size. valid (B * clones, T): True at real
     positions (None: all)."""
@@ -148,7 +148,8 @@ def make_batch(cfg: PretrainConfig, inputs: torch.Tensor, mask: np.ndarray, vali
 
     keep, filler = kept_positions(mask, valid)
     return Batch(inputs=inputs, mask=torch.from_numpy(mask), keep=torch.from_numpy(keep),
-                 keep_padding=None if filler is None else torch.from_numpy(filler), clones=cfg.mask.clones, **fields)
+                 keep_padding=None if filler is None else torch.from_numpy(filler), clones=cfg.mask.clones,
+                 first=first, **fields)
 
 
 def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip: bool,

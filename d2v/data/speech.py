@@ -358,7 +358,7 @@ class SpeechPipeline:
             mask = np.concatenate([span_masks(np.repeat(frames[b : b + 1], clones), num_frames, rng, mc.span_prob,
                                               mc.span_length) for b, rng in enumerate(rngs)])
         valid = np.repeat(np.arange(num_frames)[None, :] < frames[:, None], clones, axis=0)
-        return make_batch(self.cfg, inputs=wave, mask=mask, valid=valid, padding_mask=pad if pad.any() else None)
+        return make_batch(self.cfg, first, inputs=wave, mask=mask, valid=valid, padding_mask=pad if pad.any() else None)
 
     def on_device(self, batch: Batch, first: int) -> Batch:
         return batch

@@ -570,7 +570,7 @@ class TextPipeline:
                     rows.append(row)
                 else:
                     rows.append(token_masks(maskable[b : b + 1], mc.ratio, rng, span)[0])
-        return make_batch(self.cfg, inputs=torch.from_numpy(ids), mask=np.stack(rows),
+        return make_batch(self.cfg, first, inputs=torch.from_numpy(ids), mask=np.stack(rows),
                           valid=np.repeat(valid, clones, axis=0),
                           padding_mask=torch.from_numpy(padding) if padding.any() else None)
 

@@ -116,6 +116,7 @@ class VisionEncoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> hidden states (B, 1 + N, D); normalizes pixels itself."""
 
     num_prefix = 1
+    norm_on_top = True  # `norm` follows the blocks (pre-LN); fine-tuning's layer decay treats it as the top
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
