@@ -151,3 +151,28 @@ def test_compile_auto_rule():
     assert not use_compile("auto", "cpu", 10**6)  # compiling never pays on the CPU (measured)
     assert use_compile("auto", "cuda", COMPILE_MIN_STEPS) and not use_compile("auto", "cuda", COMPILE_MIN_STEPS - 1)
     assert use_compile("on", "cpu", 1) and not use_compile("off", "cuda", 10**6)
+
+
+# -------------------------------------------------------------------------------------------------- peer harness
+def test_peer_harness_runs_d2v_at_birders_config(tmp_path):
+    """The d2v side of `d2v bench peer` resolves to birder's config; without birder the harness says why."""
+    import json
+    import sys
+
+    from typer.testing import CliRunner
+
+    from d2v.bench.peer import CONFIG, birder_available, d2v_args, write_images
+    from d2v.cli import app
+
+    data = write_images(tmp_path / "images.npy", n=8)
+    result = CliRunner().invoke(app, ["pretrain", *d2v_args(12, data), "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.stdout[result.stdout.index("{"):])
+    m = cfg["model"]
+    assert (m["image_size"], m["in_chans"], m["patch_size"], m["dim"], m["depth"], m["num_heads"]) == (
+        CONFIG["image_size"], 3, CONFIG["patch_size"], CONFIG["dim"], CONFIG["depth"], CONFIG["heads"])
+    assert cfg["run"]["batch_size"] == CONFIG["batch"] and cfg["targets"]["top_k"] == CONFIG["top_k"]
+    import importlib.util
+
+    if importlib.util.find_spec("birder") is None:
+        assert birder_available(sys.executable)  # a reason, not a crash
