@@ -175,7 +175,7 @@ def shared(
     busy: str = typer.Option("python", "--busy", help="The busy process beside the run: python (a pure-Python loop, "
                              "one core), torch (a stock torch matmul loop, all cores, spinning threads) or d2v (a "
                              "second copy of the run)."),
-    settings: str = typer.Option(",".join(["libgomp default", "d2v default", "passive", "1 thread"]), "--settings",
+    settings: str = typer.Option("libgomp default,d2v default,spin 10000,1 thread", "--settings",
                                  help="Comma-separated thread settings to compare (see bench/shared.py)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Alternating runs per setting and condition."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Logged records to skip (start-up) before the median."),
