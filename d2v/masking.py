@@ -164,7 +164,7 @@ def bert_corrupt(
 
 # ---------------------------------------------------------------------------------------------- data2vec 2.0
 def inverse_block_mask(grid: tuple[int, int], num_kept: int, rng: np.random.Generator, block: int = 3,
-                       adjust: float = 0.07) -> np.ndarray:
+                       adjust: float = 0.07, keep_fraction: float | None = None) -> np.ndarray:
     """data2vec 2.0's inverse block mask of one image: (h, w) bool, True = masked, with exactly h * w - num_kept
     masked patches. What is *kept* comes in blocks: int(L * (keep + adjust) / block^2) centres are drawn (with
     replacement), each grown into a block x block square (clamped at the border), and cells are then added or
@@ -174,7 +174,8 @@ def inverse_block_mask(grid: tuple[int, int], num_kept: int, rng: np.random.Gene
     if not 0 <= num_kept <= L:
         raise ValueError(f"cannot keep {num_kept} of {L} patches")
     keep = np.zeros((h, w), dtype=bool)
-    centres = int(L * (num_kept / L + adjust) / (block * block))
+    keep_fraction = num_kept / L if keep_fraction is None else keep_fraction  # the reference: 1 - mask ratio
+    centres = int(L * (keep_fraction + adjust) / (block * block))
     lo, hi = block // 2, block - block // 2  # offsets -lo .. hi - 1
     for c in rng.integers(0, L, size=max(centres, 0)):
         r, q = divmod(int(c), w)
@@ -197,7 +198,8 @@ def inverse_block_masks(batch: int, grid: tuple[int, int], ratio: float, rng: np
     """(batch, h * w) inverse block masks, each keeping exactly max(1, int(L * (1 - ratio))) patches."""
     L = grid[0] * grid[1]
     kept = min(L, max(1, int(L * (1.0 - ratio))))
-    return np.stack([inverse_block_mask(grid, kept, rng, block, adjust).reshape(-1) for _ in range(batch)])
+    return np.stack([inverse_block_mask(grid, kept, rng, block, adjust, 1.0 - ratio).reshape(-1)
+                     for _ in range(batch)])
 
 
 def block_mask_1d(length: int, num_frames: int, ratio: float, rng: np.random.Generator, span: int = 5,

@@ -53,20 +53,19 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, int], device,
                    dtype=torch.float32) -> torch.Tensor:
-    """N(0, 1) noise of shape (B * clones, T, D) whose element (row, t, d) is a function of (seed, global sample
-    position first + row // clones, row % clones, t, d) alone: the same however a batch is split over processes
-    and micro-batches. Counter-based (hash of the element's global index), Box-Muller from two hashes."""
+    """N(0, 1) noise of shape (B * clones, T, D) whose element (row, t, d) is a function of (seed, global clone
+    index first * clones + row, t, d) alone: the same however a batch is split over processes and micro-batches
+    and however long its padded sequences are. Counter-based: the coordinates are hashed one after another;
+    Box-Muller turns two hashes into a normal value."""
     B2, T, D = shape
-    rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones  # global clone index
-    index = (rows[:, None, None] * T + torch.arange(T, device=device)[None, :, None]) * D \
-        + torch.arange(D, device=device)[None, None, :]
     salt = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
-    low, high = index & 0xFFFFFFFF, (index >> 32) & 0xFFFFFFFF
-    key = _hash32(low ^ _hash32(high ^ salt))
-    u1 = (_hash32(key ^ 0x1B873593).to(torch.float64) + 1.0) / 4294967296.0  # (0, 1]
-    u2 = _hash32(key ^ 0x68E31DA4).to(torch.float64) / 4294967296.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return z.to(dtype)
+    rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones
+    key = _hash32(_hash32((rows >> 32) ^ salt) ^ (rows & 0xFFFFFFFF))  # (B2,)
+    key = _hash32(key[:, None] ^ torch.arange(T, device=device, dtype=torch.int64)[None, :])  # (B2, T)
+    key = _hash32(key[:, :, None] ^ _hash32(torch.arange(D, device=device, dtype=torch.int64) + 0x9E3779B9)[None, None])
+    u1 = (_hash32(key ^ 0x1B873593).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
+    u2 = _hash32(key ^ 0x68E31DA4).to(torch.float32) * (1.0 / 4294967296.0)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
 
 
 def ema_decay(cfg: EMAConfig, step: int) -> float:
@@ -196,7 +195,7 @@ class Data2Vec(nn.Module):
             raise ValueError("a data2vec 2.0 batch needs the kept positions (Batch.keep)")
         out = self.student.encode_kept(batch.inputs, batch.mask, batch.keep, batch.keep_padding, batch.clones,
                                        batch.padding_mask)
-        x = out.hidden[:, out.num_prefix :]  # (B2, Tk, D)
+        x = self.decoder.input_dropout(out.hidden[:, out.num_prefix :])  # (B2, Tk, D): dropout before the refill
         B2, T = batch.mask.shape
         # masked slots: N(0, 0.01) noise; padding: zeros; kept slots: the student's outputs (filler slots land in an
         # extra column T that is dropped)

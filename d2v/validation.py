@@ -219,7 +219,13 @@ def _check_recipe(cfg: PretrainConfig) -> None:
     """What ties the recipe to the model, masks and decoder."""
     m, mk, dec = cfg.model, cfg.mask, cfg.decoder
     arch = getattr(m, "arch", None)
+    if cfg.targets.cls_loss > 0 and (cfg.recipe != "v2" or cfg.modality != "vision"):
+        raise ConfigError(f"targets.cls_loss ({cfg.targets.cls_loss}) is data2vec 2.0's image CLS loss: it needs "
+                          "--recipe v2 and --modality vision; set it to 0")
     if cfg.recipe == "v1":
+        if mk.kind == "random":
+            raise ConfigError("mask.kind 'random' is data2vec 2.0's text masking: use it with --recipe v2 (v1 text "
+                              "masks with 'bert' or 'span')")
         if mk.clones != 1:
             raise ConfigError(f"mask.clones ({mk.clones}) > 1 needs --recipe v2 (data2vec 2.0's multi-mask)")
         if arch == "v2":

@@ -117,7 +117,7 @@ def test_masks_and_crops_do_not_depend_on_how_the_batch_is_split():
             torch.testing.assert_close(whole.inputs, torch.cat([h.inputs for h in halves]))
 
 
-@pytest.mark.parametrize("modality", ["vision", "text"])
+@pytest.mark.parametrize("modality", ["vision", "speech", "text"])
 def test_two_processes_equal_one_v2(tmp_path, modality):
     """data2vec 2.0: the kept positions, the clones' masks and the decoder's noise are functions of the sample
     position, so 2 processes end with the 1-process weights too."""

@@ -44,7 +44,7 @@ def v2_config(modality, **overrides):
 # ------------------------------------------------------------------------------------------------ masks
 @pytest.mark.parametrize("grid,ratio,block", [((14, 14), 0.8, 3), ((4, 4), 0.6, 2), ((5, 7), 0.75, 3), ((2, 2), 0.5, 1)])
 def test_inverse_block_masks_keep_exactly_and_in_blocks(grid, ratio, block):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(grid[0] * 100 + block)
     L = grid[0] * grid[1]
     masks = inverse_block_masks(64, grid, ratio, rng, block, 0.07)
     kept = max(1, int(L * (1 - ratio)))
@@ -60,7 +60,7 @@ def test_inverse_block_masks_keep_exactly_and_in_blocks(grid, ratio, block):
 
 
 def test_block_mask_1d_exact_counts_runs_and_no_padding():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(1)
     for length in [2, 3, 7, 50, 499]:
         mask = block_mask_1d(length, 520, 0.5, rng, 5, 0.05)
         assert mask.sum() == min(max(int(length * 0.5), 1), length - 1)
@@ -73,7 +73,7 @@ def test_block_mask_1d_exact_counts_runs_and_no_padding():
 
 
 def test_random_mask_keeps_exactly():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(2)
     for length in [1, 2, 10, 63]:
         mask = random_mask(length, 64, 0.48, rng)
         kept = min(max(int(length * 0.52), 1), max(length - 1, 1))
@@ -83,7 +83,7 @@ def test_random_mask_keeps_exactly():
 
 
 def test_kept_positions_ascending_with_filler():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(3)
     mask = rng.random((6, 11)) < 0.5
     valid = np.arange(11)[None, :] < rng.integers(3, 12, size=6)[:, None]
     keep, filler = kept_positions(mask, valid)
@@ -180,15 +180,99 @@ def test_student_sees_only_kept_patches_and_decoder_gets_them_back():
     assert torch.allclose(out.hidden[0], out2.hidden[0], atol=1e-6)
 
 
-def test_cls_loss_adds_for_images_only_when_weighted():
-    cfg, model, batch = _vision_objective_and_batch(2)
+def test_cls_loss_is_the_weighted_mean_over_clones_of_each_clones_sample_target():
+    """The CLS term: cls_loss x mean over clones of ||cls_i - mean_t target[i // M]||^2 x scale, in float64."""
+    cfg, model, batch = _vision_objective_and_batch(3)
     model.eval()
     torch.manual_seed(0)
     with_cls, _ = model(batch)
+    w = model.targets_cfg.cls_loss
     model.targets_cfg.cls_loss = 0.0
     torch.manual_seed(0)
     without, _ = model(batch)
-    assert with_cls > without
+    t = model.targets_cfg
+    with torch.no_grad():
+        t_out = model.teacher.encode(batch.inputs, output_layers=t.layer, top_k=t.top_k)
+        from d2v.ops.reference import targets_reference
+
+        target = targets_reference([x[:, 1:] for x in t_out.layers], t.norm, t.final_norm, eps=t.eps,
+                                   dtype=torch.float64)
+        cls = model.student.encode_kept(batch.inputs, batch.mask, batch.keep, batch.keep_padding, 3).hidden[:, 0]
+    want = (cls.double() - target.mean(dim=1).repeat_interleave(3, 0)).pow(2).sum(-1).mean() * model.loss_scale
+    assert w > 0 and abs((with_cls - without).item() - w * want.item()) < 1e-4 * max(1.0, w * want.item())
+
+
+def test_encode_kept_with_nothing_masked_equals_encode(audio_dir):  # noqa: F811
+    """Gathering kept positions loses nothing: with every position kept, the student path is the full encoder."""
+    for modality, extra in (("vision", {}), ("text", {}),
+                            ("speech", {"data.source": str(audio_dir), "data.crop_seconds": 2.0})):
+        cfg = v2_config(modality, **extra)
+        pipe = build_pipeline(cfg)
+        torch.manual_seed(0)
+        enc = build_objective(cfg).student.eval()
+        batch = _padded_batch(pipe) if modality == "speech" else pipe.on_device(pipe.micro_batch(0, 4), 0)
+        full = enc.encode(batch.inputs, padding_mask=batch.padding_mask)
+        T = batch.mask.shape[1]
+        none = torch.zeros(4, T, dtype=torch.bool)
+        valid = None
+        if full.padding_mask is not None:
+            valid = (~full.padding_mask).numpy()
+        keep, filler = kept_positions(none.numpy(), valid)
+        kept = enc.encode_kept(batch.inputs, none, torch.from_numpy(keep),
+                               None if filler is None else torch.from_numpy(filler), 1, batch.padding_mask)
+        P = full.num_prefix
+        for b in range(4):
+            n = int((~torch.from_numpy(filler[b])).sum()) if filler is not None else T
+            torch.testing.assert_close(kept.hidden[b, : P + n], full.hidden[b, : P + n], rtol=1e-4, atol=1e-5,
+                                       msg=f"{modality} row {b}")
+        if modality == "speech":
+            assert full.padding_mask is not None, "the speech batch should hold padding"
+
+
+def _padded_batch(pipe):
+    """The first speech micro-batch of 4 whose clips differ in length (so it holds padding)."""
+    for k in range(16):
+        batch = pipe.micro_batch(4 * k, 4)
+        if batch.padding_mask is not None:
+            return batch
+    raise AssertionError("no padded speech batch")
+
+
+def test_alibi_slopes_sign_and_scale():
+    from d2v.models.speech import alibi_slopes
+
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    twelve = alibi_slopes(12)
+    assert torch.allclose(twelve[:8], alibi_slopes(8)) and torch.allclose(twelve[8:], alibi_slopes(16)[0::2][:4])
+    cfg = v2_config("speech")
+    enc = build_objective(cfg).student
+    positions = torch.tensor([[0, 2, 3, 9]])
+    bias = enc._attention_bias(positions, None, torch.float32)  # (1, H, 4, 4)
+    assert (bias[0, :, 0, 3] < bias[0, :, 0, 1]).all() and (bias.diagonal(dim1=-2, dim2=-1) == 0).all()
+    assert torch.allclose(bias[0, 0, 1, 3], -7 * alibi_slopes(enc.cfg.num_heads)[0])
+    with torch.no_grad():
+        enc.alibi_scale[0] = -1.0  # clamped at 0: head 0 becomes position-blind, with no gradient to the scale
+    enc.alibi_scale.grad = None
+    enc._attention_bias(positions, None, torch.float32).sum().backward()
+    assert enc.alibi_scale.grad[0] == 0 and (enc.alibi_scale.grad[1:] != 0).all()
+    key_pad = torch.tensor([[False, False, False, True]])
+    assert torch.isinf(enc._attention_bias(positions, key_pad, torch.float32)[0, :, :, 3]).all()
+
+
+def test_speech_clones_with_padding_equal_the_batch_repeated(audio_dir):  # noqa: F811
+    cfg = v2_config("speech", **{"data.source": str(audio_dir), "model.dropout": 0.0, "data.crop_seconds": 2.0,
+                                 "model.attention_dropout": 0.0, "decoder.input_dropout": 0.0})
+    pipe = build_pipeline(cfg)
+    torch.manual_seed(0)
+    model = build_objective(cfg).train()
+    batch = _padded_batch(pipe)
+    assert batch.padding_mask is not None and batch.keep_padding is not None
+    a, _ = model(batch)
+    repeated = Batch(inputs=batch.inputs.repeat_interleave(3, 0), mask=batch.mask, keep=batch.keep,
+                     keep_padding=batch.keep_padding, clones=1, first=batch.first * 3,  # the same global clone rows
+                     padding_mask=batch.padding_mask.repeat_interleave(3, 0))
+    b, _ = model(repeated)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_v2_loss_matches_a_float64_reference_on_repeated_targets():
@@ -292,6 +376,14 @@ def test_v2_config_errors_are_one_sentence():
     cfg = preset_config("vision", "tiny", recipe="v2")
     set_by_path(cfg, "decoder.groups", 7)
     with pytest.raises(ConfigError, match="decoder.groups"):
+        validate_config(cfg)
+    cfg = preset_config("speech", "tiny", recipe="v2")
+    set_by_path(cfg, "targets.cls_loss", 0.5)
+    with pytest.raises(ConfigError, match="needs --recipe v2 and --modality vision"):
+        validate_config(cfg)
+    cfg = preset_config("text", "tiny")
+    set_by_path(cfg, "mask.kind", "random")
+    with pytest.raises(ConfigError, match="use it with --recipe v2"):
         validate_config(cfg)
     with pytest.raises(ConfigError, match="unknown recipe"):
         preset_config("vision", "tiny", recipe="v3")

@@ -25,7 +25,8 @@ class _ConvLayer(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """(B, T, D_in) with T = h * w (2-D, `grid` given) or a sequence (1-D) -> predictions (B, T, out_dim)."""
+    """(B, T, D_in) with T = h * w (2-D, `grid` given) or a sequence (1-D) -> predictions (B, T, out_dim).
+    Input dropout belongs to the encoder outputs before the masked slots are refilled; the objective applies it."""
 
     def __init__(self, cfg: DecoderConfig, in_dim: int, out_dim: int, grid: tuple[int, int] | None = None):
         super().__init__()
@@ -35,7 +36,7 @@ class ConvDecoder(nn.Module):
         if cfg.kernel % 2 == 0:
             raise ValueError(f"decoder.kernel must be odd (same-size output), got {cfg.kernel}")
         self.grid = grid
-        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.input_dropout = nn.Dropout(cfg.input_dropout)  # applied by the objective to the encoder's outputs only
         self.layers = nn.ModuleList(
             _ConvLayer(in_dim if i == 0 else cfg.dim, cfg.dim, cfg.kernel, cfg.groups, grid is not None, cfg.residual)
             for i in range(cfg.depth)
@@ -48,7 +49,7 @@ class ConvDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        x = self.input_dropout(x).transpose(1, 2)  # (B, D, T)
+        x = x.transpose(1, 2)  # (B, D, T)
         if self.grid is not None:
             if self.grid[0] * self.grid[1] != T:
                 raise ValueError(f"a {self.grid[0]}x{self.grid[1]} decoder got {T} positions")
