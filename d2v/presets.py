@@ -44,6 +44,7 @@ _VISION_CPU = {
 # Text: ../shared/SPEC.md's RoBERTa-base recipe; tiny and small are sized for CPU work on the embedded corpus.
 _TEXT = {
     "data.source": "pydoc",
+    "data.sample_break": "complete_doc",  # blocks of one document, each starting with <s>
     "mask.kind": "bert",  # "span" with mask.ratio 0.35: the released recipe's spans of 4
     "mask.ratio": 0.15,
     "targets.top_k": 10,

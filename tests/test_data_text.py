@@ -51,7 +51,8 @@ def test_tokens_are_cached_by_corpus_and_match_packing(tmp_path, monkeypatch):
     pipe = textdata.TextPipeline(cfg)
     assert pipe.blocks.path.exists() and pipe.blocks.dtype == np.uint16  # vocab 300: two bytes a token
     corpus = textdata.read_corpus(str(root))
-    want = textdata.pack(pipe.tokenizer, corpus.docs, 32).numpy()
+    assert cfg.data.sample_break == "complete_doc"  # the text presets' default, as the reference
+    want = textdata.pack(pipe.tokenizer, corpus.docs, 32, "complete_doc").numpy()
     assert np.array_equal(pipe.blocks.blocks(np.arange(len(pipe.blocks))), want)
 
     def no_tokenizing(*a, **k):
