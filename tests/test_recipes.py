@@ -32,6 +32,8 @@ def _rows():
         if line.startswith("## "):
             modality = line[3:].strip()
             continue
+        if modality not in ("vision", "speech", "text"):  # other sections' tables are not fidelity rows
+            continue
         if not line.startswith("| ") or line.startswith("| field") or line.startswith("|---"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
