@@ -177,3 +177,49 @@ def data(
         argv = sys.argv[sys.argv.index("data") + 1:] if "data" in sys.argv else []
         result = {"meta": {**meta(), "command": shlex.join(["d2v", "bench", "data", *argv])}, "rows": [row]}
         _write_json(console, json_path, result)
+
+
+@app.command()
+def recipes(
+    modality: str = typer.Option("vision", "--modality", help="vision, speech or text."),
+    probe_data: str = typer.Option(..., "--probe-data", help="Labelled data for the linear probe of every checkpoint "
+                                   "(e.g. fashion-mnist, spoken-digits, fortunes)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Pretraining data (default: the modality's built-in)."),
+    checkpoints: int = typer.Option(5, "--checkpoints", min=1, help="Checkpoints probed per run."),
+    v1_steps: Optional[int] = typer.Option(None, "--v1-steps", min=1, help="Steps of the v1 run (default: preset)."),
+    v2_steps: Optional[int] = typer.Option(None, "--v2-steps", min=1, help="Steps of the v2 run (default: preset)."),
+    max_train: int = typer.Option(0, "--max-train", min=0, help="Probe on at most this many training items (0: all)."),
+    holdout: Optional[str] = typer.Option(None, "--holdout", help="Speech: held-out file globs for the probe."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Alternating v1 / v2 pairs."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="OMP_NUM_THREADS of the runs."),
+    set_: List[str] = typer.Option([], "--set", help="KEY=VALUE passed to both pretrain runs."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Speed to quality: pretrain with --recipe v1 and v2 (alternating), probe each checkpoint, compare wall times."""
+    from .recipes import run
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    extra = [a for item in set_ for a in ("--set", item)]
+
+    def show(record: dict) -> None:
+        rows = ", ".join(f"{r['step']}: {r['accuracy']:.3f} @ {r['wall_s']:.0f}s" for r in record["rows"])
+        init = f"; random init {record['random_init']:.3f}" if "random_init" in record else ""
+        console.print(f"{record['recipe']} (repeat {record['repeat']}, {record['samples_per_s']:.1f} samples/s): "
+                      f"{rows}{init}", highlight=False, soft_wrap=True)
+
+    result = run(modality, probe_data, data, checkpoints, v1_steps, v2_steps, max_train,
+                 [p for p in (holdout or "").split(",") if p] or None, repeats, threads, extra, on_row=show)
+    table = Table(title=f"{modality}: v1 vs v2, linear probe on {probe_data}")
+    for col in ("repeat", "v1 acc", "v1 wall s", "v2 wall s to v1 acc", "v1 / v2 time", "v2 best acc within v1 wall",
+                "v2 final acc", "random init v1 / v2"):
+        table.add_column(col)
+    for i, s in enumerate(result["summaries"]):
+        table.add_row(str(i), f"{s['v1_accuracy']:.3f}", f"{s['v1_wall_s']:.0f}",
+                      _fmt(s["v2_wall_s_to_v1_accuracy"], ".0f"), _fmt(s["time_ratio"], ".2f"),
+                      _fmt(s["v2_best_accuracy_within_v1_wall"], ".3f"), f"{s['v2_final_accuracy']:.3f}",
+                      f"{_fmt(s['v1_random_init'], '.3f')} / {_fmt(s['v2_random_init'], '.3f')}")
+    console.print(table)
+    if json_path is not None:
+        argv = sys.argv[sys.argv.index("recipes") + 1:] if "recipes" in sys.argv else []
+        result["command"] = shlex.join(["d2v", "bench", "recipes", *argv])
+        _write_json(console, json_path, result)

@@ -86,11 +86,10 @@ def run(modality: str, source: str | None = None, preset: str | None = None, bat
 
 def _step_rate(cfg, pipeline, batch, steps: int, device: torch.device) -> float:
     """Samples/s of forward + backward of the objective on one batch (the data cost excluded)."""
-    from d2v.models import build_encoder
-    from d2v.objective import Data2Vec
+    from d2v.objective import build_objective
 
     torch.manual_seed(0)
-    model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device).train()
+    model = build_objective(cfg).to(device).train()
     batch = pipeline.on_device(batch.to(device), 0)
     loss, _ = model(batch)
     loss.backward()  # warm-up

@@ -65,6 +65,7 @@ class LossCase:
     mask_prob: float
     dtype: torch.dtype  # pred's dtype; the target is fp32, as ops.targets returns it
     backward: bool = True
+    clones: int = 1  # M: pred (B*M, T, D) against target (B, T, D), data2vec 2.0's multi-mask
 
 
 def cases(quick: bool):
@@ -74,7 +75,8 @@ def cases(quick: bool):
                  TargetsCase("tiny instance K=2", 2, 12, 32, 2, "instance", "none", torch.bfloat16, 0.5, 0.2)],
                 [EmaCase("tiny ViT fp32", vit_param_shapes(32, 2, 64, 4, 17), torch.float32),
                  EmaCase("tiny ViT bf16 student", vit_param_shapes(32, 2, 64, 4, 17), torch.bfloat16)],
-                [LossCase("tiny", 2, 16, 32, 0.6, torch.bfloat16)])
+                [LossCase("tiny", 2, 16, 32, 0.6, torch.bfloat16),
+                 LossCase("tiny 3 clones", 2, 16, 32, 0.6, torch.bfloat16, clones=3)])
     vit_b, vit_l = vit_param_shapes(768, 12, 3072), vit_param_shapes(1024, 24, 4096)
     # Targets as the objective computes them: the teacher's top-K block outputs (B, 197, D) in bf16 under AMP,
     # passed as views layer[:, 1:] (the cls token sliced off), no mask; speech: instance norm with padding.
@@ -89,7 +91,10 @@ def cases(quick: bool):
              EmaCase("ViT-L 304M fp32", vit_l, torch.float32),
              EmaCase("ViT-L 304M bf16 student", vit_l, torch.bfloat16)],
             [LossCase("ViT-B 256x196x768 60% masked, bf16 pred, fwd+bwd", 256, 196, 768, 0.6, torch.bfloat16),
-             LossCase("ViT-L 256x196x1024 60% masked, bf16 pred, fwd+bwd", 256, 196, 1024, 0.6, torch.bfloat16)])
+             LossCase("ViT-L 256x196x1024 60% masked, bf16 pred, fwd+bwd", 256, 196, 1024, 0.6, torch.bfloat16),
+             # data2vec 2.0 images: 16 clones of each sample (DATA2VEC2.md), one fp32 target per sample
+             LossCase("ViT-B 16 samples x 16 clones x196x768 80% masked, bf16 pred, fwd+bwd", 16, 196, 768, 0.8,
+                      torch.bfloat16, clones=16)])
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -218,14 +223,17 @@ def _loss_runs(case: LossCase, device, chosen, compiled):
     from d2v import ops
     from d2v.ops import reference
 
-    pred = torch.randn(case.B, case.T, case.D, device=device).to(case.dtype).requires_grad_(True)
-    target = torch.randn(case.B, case.T, case.D, device=device)  # fp32, as ops.targets returns it
-    mask = torch.rand(case.B, case.T, device=device) < case.mask_prob
+    B, M, T, D = case.B, case.clones, case.T, case.D
+    pred = torch.randn(B * M, T, D, device=device).to(case.dtype).requires_grad_(True)
+    target = torch.randn(B, T, D, device=device)  # fp32, as ops.targets returns it
+    mask = torch.rand(B * M, T, device=device) < case.mask_prob
     # Bytes model of forward + backward: read the mask and the selected rows of pred and target (the loss), and
     # write pred.grad in pred's dtype for every row (the backward; zeros on unselected rows). Reading pred and
     # target again in the backward, or an fp32 intermediate gradient, are an implementation's extra traffic.
+    # With clones a target row is counted once however many clones select it (later reads may hit the cache).
     selected = int(mask.sum())
-    nbytes = (mask.numel() + selected * case.D * (pred.element_size() + target.element_size())
+    target_rows = int(mask.view(B, M, T).any(1).sum())
+    nbytes = (mask.numel() + selected * D * pred.element_size() + target_rows * D * target.element_size()
               + pred.numel() * pred.element_size())
 
     def fwd_bwd(loss_fn):
@@ -235,13 +243,14 @@ def _loss_runs(case: LossCase, device, chosen, compiled):
     runs = {}
     for name, backend in chosen.items():
         if name == "reference":
-            runs[name] = lambda: fwd_bwd(lambda: reference.masked_regression_loss_reference(pred, target, mask))
+            runs[name] = lambda: fwd_bwd(lambda: reference.masked_regression_loss_reference(pred, target, mask,
+                                                                                              clones=M))
         elif name == "compile":
             fn = compiled.setdefault("loss", torch.compile(reference.masked_regression_loss_reference))
-            runs[name] = lambda fn=fn: fwd_bwd(lambda: fn(pred, target, mask))
+            runs[name] = lambda fn=fn: fwd_bwd(lambda: fn(pred, target, mask, clones=M))
         else:
             runs[name] = lambda backend=backend: fwd_bwd(
-                lambda: ops.masked_regression_loss(pred, target, mask, backend=backend))
+                lambda: ops.masked_regression_loss(pred, target, mask, backend=backend, clones=M))
     return runs, nbytes
 
 

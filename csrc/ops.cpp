@@ -23,7 +23,7 @@ TORCH_LIBRARY(d2v_ext, m) {
   m.def("ema_update_(Tensor(a!)[] teacher, Tensor[] student, float decay) -> ()");
   m.def(
       "masked_regression_loss(Tensor pred, Tensor target, Tensor? mask, float beta, float scale, str reduction, "
-      "bool need_grad) -> (Tensor, Tensor)");
+      "bool need_grad, int clones=1) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(d2v_ext, CPU, m) {

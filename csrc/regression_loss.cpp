@@ -1,7 +1,8 @@
 // CPU kernel of `masked_regression_loss`: loss and d(loss)/d(pred) in one pass over the selected rows.
 //
 // Rows are processed in fixed blocks whose partial sums are added in block order, so the loss does not depend
-// on the number of threads.
+// on the number of threads. With clones = M, pred (B*M, *S, D) holds M clones of each sample of target
+// (B, *S, D): each pred row reads its target row in place (target is never repeated in memory).
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
 #include <ATen/Parallel.h>
@@ -22,16 +23,35 @@ at::Tensor as_supported(const at::Tensor& x) {
 }
 }  // namespace
 
+void check_loss_shapes(const at::Tensor& pred, const at::Tensor& target, int64_t clones) {
+  TORCH_CHECK_VALUE(clones >= 1, "d2v: clones must be >= 1, got ", clones);
+  if (clones == 1) {
+    TORCH_CHECK_VALUE(pred.sizes() == target.sizes() && pred.dim() >= 1,
+                      "d2v: pred and target must have one shape (..., D); got ", pred.sizes(), " and ",
+                      target.sizes());
+    return;
+  }
+  TORCH_CHECK_VALUE(pred.dim() >= 2 && pred.dim() == target.dim() && pred.size(0) == clones * target.size(0) &&
+                        pred.sizes().slice(1) == target.sizes().slice(1),
+                    "d2v: with clones=", clones, ", pred must have shape (", clones,
+                    " * B, ..., D) for target (B, ..., D); got pred ", pred.sizes(), " and target ", target.sizes());
+}
+
+int64_t loss_rows_per_sample(const at::Tensor& pred) {
+  return pred.dim() >= 2 ? c10::multiply_integers(pred.sizes().slice(1, pred.dim() - 2)) : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
                                                               const std::optional<at::Tensor>& mask_in, double beta,
                                                               double scale, const std::string& reduction,
-                                                              bool need_grad) {
-  TORCH_CHECK(pred_in.sizes() == target_in.sizes() && pred_in.dim() >= 1,
-              "d2v: pred and target must have one shape (..., D)");
+                                                              bool need_grad, int64_t clones) {
+  check_loss_shapes(pred_in, target_in, clones);
   TORCH_CHECK(reduction == "mean" || reduction == "sum", "d2v: reduction must be 'mean' or 'sum'");
   const at::Tensor pred = as_supported(pred_in), target = as_supported(target_in);
   // R rows of D; with D = 0 still the product of the leading sizes (the mask has that many entries).
   const int64_t D = pred.size(-1), R = c10::multiply_integers(pred.sizes().slice(0, pred.dim() - 1));
+  // pred row r = (b * M + m) * S + s reads target row b * S + s (S rows per sample).
+  const int64_t S = loss_rows_per_sample(pred), group = S * clones;
   at::Tensor mask;
   const bool* m = nullptr;
   int64_t count = R;
@@ -68,9 +88,10 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cpu(const at::Tensor& 
           continue;
         }
         const float* prow = reinterpret_cast<const float*>(pp + r * D * ps);
-        const float* qrow = reinterpret_cast<const float*>(tp + r * D * ts);
+        const int64_t tr = clones == 1 ? r : (r / group) * S + r % S;
+        const float* qrow = reinterpret_cast<const float*>(tp + tr * D * ts);
         if (pd != at::kFloat) cpu::load_row(pp + r * D * ps, pd, p.data(), D), prow = p.data();
-        if (td != at::kFloat) cpu::load_row(tp + r * D * ts, td, q.data(), D), qrow = q.data();
+        if (td != at::kFloat) cpu::load_row(tp + tr * D * ts, td, q.data(), D), qrow = q.data();
         float* g_out = grow == nullptr ? nullptr : grad_direct ? reinterpret_cast<float*>(grow) : g.data();
         sum += cpu::regression_row(prow, qrow, g_out, D, static_cast<float>(beta), static_cast<float>(factor));
         if (grow != nullptr && !grad_direct) cpu::store_row(g.data(), gd, grow, D);

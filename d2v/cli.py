@@ -63,6 +63,11 @@ class Modality(str, Enum):
     speech = "speech"
 
 
+class Recipe(str, Enum):
+    v1 = "v1"
+    v2 = "v2"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -88,6 +93,10 @@ def pretrain(
                                        "file or a folder of .txt files (text). Default: the modality's embedded "
                                        "set (vision: digits, speech: default, text: pydoc)."),
     preset: Optional[str] = typer.Option(None, help="Named preset: tiny, small (CPU-sized), base, large. Default: tiny."),
+    recipe: Optional[Recipe] = typer.Option(None, help="v1: data2vec 1.0 (the student encodes the whole masked "
+                                            "input); v2: data2vec 2.0 (the student encodes only kept tokens of "
+                                            "several masked clones per sample, a conv decoder predicts; much less "
+                                            "compute per sample). Default: v1 (on --resume: the run's own)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer updates to run."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per optimizer update, all processes together (the "
                                              "global batch; each process takes batch / (processes x grad-accum))."),
@@ -97,7 +106,7 @@ def pretrain(
     vocab_size: Optional[int] = typer.Option(None, help="Byte-level BPE vocabulary trained on the corpus (text)."),
     doc_per_line: bool = typer.Option(False, "--doc-per-line", help="One document per line, else one per file (text)."),
     tokenizer: Optional[str] = typer.Option(None, help="A tokenizer.json to use instead of training a BPE (text)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-<preset>-<time>."),
+    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<modality>-[v2-]<preset>-<time>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint; "
                                 "options not given come from the run."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
@@ -150,8 +159,11 @@ def pretrain(
             raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
         cfg = load_run_config(out)
         _apply_resume_overrides(cfg, given, preset, modality.value if modality else None)
+        if recipe is not None and recipe.value != cfg.recipe:
+            raise ConfigError(f"--recipe cannot change when resuming (the run uses {cfg.recipe}); start a new run "
+                              "instead")
     else:
-        cfg = preset_config((modality or Modality.vision).value, preset)
+        cfg = preset_config((modality or Modality.vision).value, preset, recipe.value if recipe else "v1")
         for key, value in given.items():
             set_by_path(cfg, key, value)
         cfg.data.source = _resolve_source(cfg.data.source)
@@ -260,7 +272,8 @@ def export_checkpoint(
     run_dir: Path = typer.Argument(..., help="A run directory written by d2v pretrain (or one of its checkpoints)."),
     out: Path = typer.Option(..., help="New directory to write the encoder to (outside the run directory)."),
     weights: str = typer.Option("student", help="Which network to export: student or teacher (EMA)."),
-    hf: bool = typer.Option(True, "--hf/--no-hf", help="Also write OUT/hf, loadable by Hugging Face transformers."),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="Also write OUT/hf, loadable by Hugging Face transformers "
+                            "(v1 encoders and v2 text; transformers has no data2vec 2.0 image or speech class)."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier export in OUT (written whole, then swapped)."),
 ):
     """Write a self-contained encoder directory (safetensors + config) and a transformers directory."""
@@ -272,6 +285,8 @@ def export_checkpoint(
     if "hf" in paths:
         console.print(f"Hugging Face directory written to {escape(str(paths['hf']))} (load with transformers' "
                       "from_pretrained)", highlight=False, soft_wrap=True)
+    if "hf_skipped" in paths:
+        console.print(f"No Hugging Face directory: {escape(paths['hf_skipped'])}.", highlight=False, soft_wrap=True)
 
 
 @app.command()

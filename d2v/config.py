@@ -30,6 +30,10 @@ class VisionModelConfig:
     ln_eps: float = 1e-6
     pixel_mean: list[float] = field(default_factory=list)  # per channel, applied by the encoder; empty: from data
     pixel_std: list[float] = field(default_factory=list)
+    # "beit": data2vec 1.0's pre-LN ViT (relative position bias, LayerScale, mask token); "v2": data2vec 2.0's
+    # post-LN ViT (fixed 2-D sin-cos positions, LayerNorm before the blocks, no LayerScale, encodes kept patches only)
+    arch: str = "beit"
+    prenet_depth: int = 0  # v2: the first blocks form a pre-net (local to images): never target layers
 
 
 @dataclass
@@ -75,6 +79,8 @@ class SpeechModelConfig:
     layerdrop: float = 0.05  # whole blocks skipped in training; the teacher never drops
     ln_eps: float = 1e-5
     sample_rate: int = 16000
+    alibi: bool = False  # data2vec 2.0: attention biased by -|i - j| x a per-head slope with a learned scale
+    prenet_depth: int = 0  # v2: the first blocks form a pre-net: never target layers
 
 
 @dataclass
@@ -89,6 +95,12 @@ class MaskConfig:
     span_prob: float = 0.065  # speech "span": chance that a frame starts a span (wav2vec 2.0)
     random_token: float = 0.1  # text: share of masked tokens replaced by a random token (BERT)
     unchanged: float = 0.1  # text: share of masked tokens left as they are (BERT); the rest become <mask>
+    # data2vec 2.0: each sample is seen by the student `clones` times, each with its own mask (one teacher pass);
+    # kinds "inverse_block" (images: blocks of block_size^2 kept), "block_1d" (speech: runs of span_length frames)
+    # and "random" (text), each with exactly int(ratio * length) masked positions per row
+    clones: int = 1
+    block_size: int = 3  # inverse_block: side of the kept blocks
+    adjust: float = 0.07  # inverse_block / block_1d: extra share of block centres drawn before the exact count
 
 
 @dataclass
@@ -106,6 +118,10 @@ class TargetConfig:
     # text with BERT corruption: "mask_token": the loss only where the student's input shows <mask> (the released
     # recipe); "masked": also at the masked tokens replaced by a random token or left unchanged
     loss_on: str = "mask_token"
+    # data2vec 2.0 (images): weight of the loss regressing the mean target over patches from each clone's CLS
+    # output, averaged over clones, added to the mean loss over masked positions. The reference's cls_loss 0.01
+    # multiplies a sum over the 16 x 16 clones on each of its GPUs: 2.56 here.
+    cls_loss: float = 0.0
 
 
 @dataclass
@@ -116,6 +132,20 @@ class EMAConfig:
     end_decay: float = 0.9998
     anneal_steps: int = 0
     shared: list[str] = field(default_factory=list)  # parameter-name prefixes the teacher takes from the student
+
+
+@dataclass
+class DecoderConfig:
+    """data2vec 2.0's decoder: masked slots refilled with noise, conv layers (2-D for images, 1-D otherwise), each
+    conv -> LayerNorm without affine -> GELU (+ residual when widths match), then a projection to the model width."""
+
+    dim: int = 768
+    kernel: int = 3
+    groups: int = 16
+    depth: int = 6
+    residual: bool = True
+    input_dropout: float = 0.0
+    proj_hidden: int = 0  # 0: Linear(dim, D); > 0: Linear(dim, proj_hidden) -> GELU -> Linear(proj_hidden, D)
 
 
 @dataclass
@@ -186,11 +216,13 @@ class RunConfig:
 class PretrainConfig:
     modality: str = "vision"
     preset: str = "base"
+    recipe: str = "v1"  # "v1": data2vec 1.0; "v2": data2vec 2.0 (kept tokens only, decoder, multi-mask)
     model: VisionModelConfig = field(default_factory=VisionModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # v2 only
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -248,8 +280,8 @@ def set_by_path(cfg: PretrainConfig, key: str, value: Any) -> None:
         raise ConfigError(f"unknown config field {key!r}")
     if dataclasses.is_dataclass(getattr(obj, last)):
         raise ConfigError(f"{key!r} is a config section, not a field; set one of its fields, e.g. {key}.{dataclasses.fields(getattr(obj, last))[0].name}=...")
-    if key in ("modality", "preset", "model.modality"):
-        raise ConfigError(f"{key} cannot be set with --set; use --modality / --preset")
+    if key in ("modality", "preset", "model.modality", "recipe"):
+        raise ConfigError(f"{key} cannot be set with --set; use --modality / --preset / --recipe")
     hint = typing.get_type_hints(type(obj))[last]
     setattr(obj, last, coerce(value, hint, key))
 

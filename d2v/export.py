@@ -35,7 +35,9 @@ def encoder_state_from_run(run_dir: Path, weights: str = "student") -> tuple[dic
 
 def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bool = True,
                       force: bool = False) -> dict[str, Path]:
-    """Write OUT/{config.json, model.safetensors} (d2v) and, with hf, OUT/hf/ (transformers). Returns the paths.
+    """Write OUT/{config.json, model.safetensors} (d2v) and, with hf, OUT/hf/ (transformers). Returns the paths;
+    when the encoder has no transformers equivalent (data2vec 2.0 images and speech), no OUT/hf and the reason
+    under "hf_skipped".
 
     The directory is written whole under a temporary name and renamed into place, so OUT is either the complete
     new export or untouched. An existing non-empty OUT is replaced only with force, and only if it is an export."""
@@ -53,6 +55,10 @@ def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bo
         raise CheckpointError(f"checkpoint weights do not match the run's model config: {str(exc).splitlines()[0]}") from None
     state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
     tokenizer = _run_file(run_dir, TOKENIZER)
+    from d2v import hf_export
+
+    hf_skipped = hf_export.unmappable(model_cfg) if hf else ""
+    hf = hf and not hf_skipped
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,8 +70,6 @@ def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bo
         if tokenizer is not None:
             ckpt.atomic_write_bytes(tmp / TOKENIZER, tokenizer.read_bytes())
         if hf:
-            from d2v import hf_export
-
             hf_dir = tmp / "hf"
             hf_dir.mkdir()
             hf_config, hf_tensors, extra_files = hf_export.convert(model_cfg, state)
@@ -82,6 +86,8 @@ def export_checkpoint(run_dir: Path, out: Path, weights: str = "student", hf: bo
     paths = {"d2v": out}
     if hf:
         paths["hf"] = out / "hf"
+    if hf_skipped:
+        paths["hf_skipped"] = hf_skipped
     return paths
 
 

@@ -59,11 +59,12 @@ class Classifier(nn.Module):
         return self.head(self.student.embed(*inputs))
 
 
-def _layer_id(name: str, depth: int) -> int:
-    """0 for everything before the first block, i + 1 for block i, depth + 1 for what follows (norm, head)."""
+def _layer_id(name: str, depth: int, norm_on_top: bool = True) -> int:
+    """0 for everything before the first block, i + 1 for block i, depth + 1 for what follows (the head, and the
+    encoder's `norm` when it follows the blocks, as in the pre-LN v1 ViT; speech and v2 images norm before them)."""
     if name.startswith("student.blocks."):
         return int(name.split(".")[2]) + 1
-    if name.startswith("head.") or name.startswith("student.norm."):
+    if name.startswith("head.") or (norm_on_top and name.startswith("student.norm.")):
         return depth + 1
     return 0
 
@@ -73,7 +74,7 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     depth = len(model.student.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
-        layer = _layer_id(name, depth)
+        layer = _layer_id(name, depth, getattr(model.student, "norm_on_top", False))
         decay = not (p.ndim <= 1 or name.endswith(".bias") or "token" in name or name.endswith("mask_emb"))
         group = groups.setdefault((layer, decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
                                                    "lr_scale": cfg.layer_decay ** (depth + 1 - layer)})

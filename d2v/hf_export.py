@@ -6,8 +6,23 @@ from __future__ import annotations
 import torch
 
 
+def unmappable(model_cfg: dict) -> str:
+    """Why the encoder has no transformers Data2Vec*Model equivalent ('' when it maps one to one). transformers has
+    no data2vec 2.0 classes: a v2 text encoder is RoBERTa's layout and maps; v2 images (post-LN blocks, sin-cos
+    positions, a LayerNorm before the blocks) and v2 speech (ALiBi attention) have no equivalent."""
+    if model_cfg.get("modality") == "vision" and model_cfg.get("arch", "beit") != "beit":
+        return ("transformers has no class for data2vec 2.0's image encoder (post-LN blocks, fixed sin-cos "
+                "positions; Data2VecVisionModel is the pre-LN v1 layout)")
+    if model_cfg.get("modality") == "speech" and model_cfg.get("alibi", False):
+        return "transformers' Data2VecAudioModel has no ALiBi attention, which this data2vec 2.0 speech encoder uses"
+    return ""
+
+
 def convert(model_cfg: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(config.json dict, tensors, extra JSON files) for the encoder's modality."""
+    reason = unmappable(model_cfg)
+    if reason:
+        raise ValueError(f"no Hugging Face export: {reason}")
     modality = model_cfg["modality"]
     if modality == "vision":
         return _vision(model_cfg, state)

@@ -160,3 +160,91 @@ def bert_corrupt(
     out[to_mask] = mask_id
     out[to_random] = rng.integers(random_range[0], random_range[1], size=int(to_random.sum()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- data2vec 2.0
+def inverse_block_mask(grid: tuple[int, int], num_kept: int, rng: np.random.Generator, block: int = 3,
+                       adjust: float = 0.07, keep_fraction: float | None = None) -> np.ndarray:
+    """data2vec 2.0's inverse block mask of one image: (h, w) bool, True = masked, with exactly h * w - num_kept
+    masked patches. What is *kept* comes in blocks: int(L * (keep + adjust) / block^2) centres are drawn (with
+    replacement), each grown into a block x block square (clamped at the border), and cells are then added or
+    removed at random until exactly `num_kept` are kept."""
+    h, w = grid
+    L = h * w
+    if not 0 <= num_kept <= L:
+        raise ValueError(f"cannot keep {num_kept} of {L} patches")
+    keep = np.zeros((h, w), dtype=bool)
+    keep_fraction = num_kept / L if keep_fraction is None else keep_fraction  # the reference: 1 - mask ratio
+    centres = int(L * (keep_fraction + adjust) / (block * block))
+    lo, hi = block // 2, block - block // 2  # offsets -lo .. hi - 1
+    for c in rng.integers(0, L, size=max(centres, 0)):
+        r, q = divmod(int(c), w)
+        keep[max(r - lo, 0): min(r + hi, h), max(q - lo, 0): min(q + hi, w)] = True
+    return ~_exact(keep.reshape(-1), num_kept, rng).reshape(h, w)
+
+
+def _exact(on: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`on` (1-D bool) with cells switched on or off at random until exactly `count` are on."""
+    n = int(on.sum())
+    if n > count:
+        on[rng.choice(np.flatnonzero(on), size=n - count, replace=False)] = False
+    elif n < count:
+        on[rng.choice(np.flatnonzero(~on), size=count - n, replace=False)] = True
+    return on
+
+
+def inverse_block_masks(batch: int, grid: tuple[int, int], ratio: float, rng: np.random.Generator, block: int = 3,
+                        adjust: float = 0.07) -> np.ndarray:
+    """(batch, h * w) inverse block masks, each keeping exactly max(1, int(L * (1 - ratio))) patches."""
+    L = grid[0] * grid[1]
+    kept = min(L, max(1, int(L * (1.0 - ratio))))
+    return np.stack([inverse_block_mask(grid, kept, rng, block, adjust, 1.0 - ratio).reshape(-1)
+                     for _ in range(batch)])
+
+
+def block_mask_1d(length: int, num_frames: int, ratio: float, rng: np.random.Generator, span: int = 5,
+                  adjust: float = 0.05) -> np.ndarray:
+    """data2vec 2.0's 1-D block mask of one sequence (speech): (num_frames,) bool over the first `length` (valid)
+    frames with exactly int(length * ratio) masked (at least 1 and at most length - 1 when length >= 2).
+    int(length * (ratio + adjust) / span) centres are drawn, each masking the `span` frames around it (clamped
+    at the ends), then frames are added or removed at random to the exact count. Padding is never masked."""
+    out = np.zeros(num_frames, dtype=bool)
+    if length <= 0:
+        return out
+    count = int(length * ratio)
+    if length >= 2:
+        count = min(max(count, 1), length - 1)
+    on = np.zeros(length, dtype=bool)
+    lo, hi = span // 2, span - span // 2
+    for c in rng.integers(0, length, size=max(int(length * (ratio + adjust) / span), 0)):
+        on[max(int(c) - lo, 0): min(int(c) + hi, length)] = True
+    out[:length] = _exact(on, count, rng)
+    return out
+
+
+def random_mask(length: int, num_positions: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """data2vec 2.0's text mask (MAE-style): (num_positions,) bool over the first `length` valid positions, keeping
+    exactly int(length * (1 - ratio)) of them at random (at least 1, and at least one masked when length >= 2)."""
+    out = np.zeros(num_positions, dtype=bool)
+    if length <= 0:
+        return out
+    kept = int(length * (1.0 - ratio))
+    kept = min(max(kept, 1), max(length - 1, 1))
+    out[:length] = True
+    out[rng.choice(length, size=kept, replace=False)] = False
+    return out
+
+
+def kept_positions(mask: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The positions a data2vec 2.0 student encodes: (B, T) masks (True = masked) and valid (B, T) (True at real,
+    non-padding positions; None: all) -> (B, Tk) int64 kept positions of each row in ascending order, Tk the
+    largest kept count, rows with fewer filled with T; and (B, Tk) bool, True at those filler slots (None when
+    every row keeps Tk)."""
+    keep = ~mask if valid is None else ~mask & valid
+    B, T = keep.shape
+    counts = keep.sum(axis=1)
+    Tk = int(counts.max(initial=0))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :Tk].astype(np.int64)
+    filler = np.arange(Tk)[None, :] >= counts[:, None]
+    order[filler] = T
+    return order, (filler if filler.any() else None)

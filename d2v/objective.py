@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from d2v import ops
-from d2v.config import EMAConfig, TargetConfig
+from d2v.config import DecoderConfig, EMAConfig, TargetConfig
 
 
 @dataclass
@@ -22,16 +22,50 @@ class Batch:
     student_inputs: the corrupted view when masking happens on the input itself (text); else the student gets
     `inputs` plus `mask` and replaces masked positions by its mask embedding.
     padding_mask: (B, S) bool, True at padded input positions, or None.
+    data2vec 2.0 (clones >= 1 masked views per sample): mask is (B * clones, T), clone i of sample i // clones;
+    keep (B * clones, Tk) the positions each clone's student encodes (d2v.masking.kept_positions), keep_padding
+    (B * clones, Tk) True at filler slots, or None.
     """
 
     inputs: torch.Tensor
     mask: torch.Tensor
     student_inputs: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    keep_padding: torch.Tensor | None = None
+    clones: int = 1
+    first: int = 0  # global sample position of the first sample (data2vec 2.0's decoder noise is drawn by position)
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.inputs), move(self.mask), move(self.student_inputs), move(self.padding_mask))
+        return Batch(move(self.inputs), move(self.mask), move(self.student_inputs), move(self.padding_mask),
+                     move(self.keep), move(self.keep_padding), self.clones, self.first)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in [0, 2^32); products
+    stay below 2^63, so no step overflows."""
+    for mult in (0x7FEB352D, 0x5BD1E995, 0x27D4EB2F):
+        x = x ^ (x >> 15)
+        x = (x * mult) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, int], device,
+                   dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) noise of shape (B * clones, T, D) whose element (row, t, d) is a function of (seed, global clone
+    index first * clones + row, t, d) alone: the same however a batch is split over processes and micro-batches
+    and however long its padded sequences are. Counter-based: the coordinates are hashed one after another;
+    Box-Muller turns two hashes into a normal value."""
+    B2, T, D = shape
+    salt = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones
+    key = _hash32(_hash32((rows >> 32) ^ salt) ^ (rows & 0xFFFFFFFF))  # (B2,)
+    key = _hash32(key[:, None] ^ torch.arange(T, device=device, dtype=torch.int64)[None, :])  # (B2, T)
+    key = _hash32(key[:, :, None] ^ _hash32(torch.arange(D, device=device, dtype=torch.int64) + 0x9E3779B9)[None, None])
+    u1 = (_hash32(key ^ 0x1B873593).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
+    u2 = _hash32(key ^ 0x68E31DA4).to(torch.float32) * (1.0 / 4294967296.0)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
 
 
 def ema_decay(cfg: EMAConfig, step: int) -> float:
@@ -64,18 +98,36 @@ def _masked_std(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Data2Vec(nn.Module):
-    """student + EMA teacher + regression head. forward(batch) -> (loss, stats)."""
+    """student + EMA teacher + predictor. forward(batch) -> (loss, stats).
 
-    def __init__(self, encoder: nn.Module, targets: TargetConfig, ema: EMAConfig, backend: str = "auto"):
+    data2vec 1.0 (decoder None): the student encodes the whole masked view; a regression head predicts.
+    data2vec 2.0 (a DecoderConfig): the student encodes only the kept positions of each of the batch's clones;
+    a conv decoder predicts at every position from those outputs and noise in the masked slots. Everything else
+    (teacher, EMA, targets, loss) is the same code for both."""
+
+    def __init__(self, encoder: nn.Module, targets: TargetConfig, ema: EMAConfig, backend: str = "auto",
+                 decoder: DecoderConfig | None = None, seed: int = 0):
         super().__init__()
-        if not 1 <= targets.top_k <= len(encoder.blocks):
-            raise ValueError(f"top_k must be between 1 and the encoder depth {len(encoder.blocks)}, got {targets.top_k}")
+        self.seed = seed
+        main_blocks = len(encoder.blocks) - getattr(getattr(encoder, "cfg", None), "prenet_depth", 0)
+        if not 1 <= targets.top_k <= main_blocks:
+            raise ValueError(f"top_k must be between 1 and the encoder's {main_blocks} target blocks, "
+                             f"got {targets.top_k}")
         self.student = encoder
         self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
-        self.head = build_head(targets.head, encoder.dim)
-        init = getattr(encoder, "init_weights", None)  # vision and text: the model's init; speech: PyTorch's
-        if init is not None:
-            self.head.apply(init)
+        self.v2 = decoder is not None
+        if self.v2:
+            from d2v.models.decoder import ConvDecoder
+
+            self.decoder = ConvDecoder(decoder, encoder.dim, encoder.dim, getattr(encoder, "grid", None))
+            for name, p in encoder.named_parameters():  # what only a v1 student uses (its masked view)
+                if name in ("mask_emb", "mask_token"):
+                    p.requires_grad_(False)
+        else:
+            self.head = build_head(targets.head, encoder.dim)
+            init = getattr(encoder, "init_weights", None)  # vision and text: the model's init; speech: PyTorch's
+            if init is not None:
+                self.head.apply(init)
         self.targets_cfg = targets
         self.ema_cfg = ema
         self.backend = backend
@@ -88,6 +140,8 @@ class Data2Vec(nn.Module):
         front = tuple(getattr(encoder, "front_end", ()))
         self.reuse_features = bool(front) and all(any(p.startswith(s) for s in ema.shared) for p in front)
         self.mask_id = getattr(getattr(encoder, "cfg", None), "mask_id", None)  # text: the <mask> token id
+        if self.v2:
+            self.mask_id = None  # a data2vec 2.0 student never sees <mask>: it skips masked tokens
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -126,14 +180,35 @@ class Data2Vec(nn.Module):
         """Pair teacher and student parameters again after they were replaced (FSDP sharding)."""
         self._pairs = self._ema_pairs()
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.targets_cfg
+    def _predict_v1(self, batch: Batch):
+        """The whole masked view -> head predictions (B, T, D) at every position."""
         if batch.student_inputs is not None:
             out = self.student.encode(batch.student_inputs, padding_mask=batch.padding_mask)
         else:
             out = self.student.encode(batch.inputs, mask=batch.mask, padding_mask=batch.padding_mask)
         # The head runs on every position and the loss selects masked rows: no data-dependent shapes, no sync.
-        pred = self.head(out.hidden[:, out.num_prefix :])  # (B, T, D)
+        return self.head(out.hidden[:, out.num_prefix :]), out
+
+    def _predict_v2(self, batch: Batch):
+        """Kept positions of every clone -> decoder predictions (B * clones, T, D) at every position."""
+        if batch.keep is None:
+            raise ValueError("a data2vec 2.0 batch needs the kept positions (Batch.keep)")
+        out = self.student.encode_kept(batch.inputs, batch.mask, batch.keep, batch.keep_padding, batch.clones,
+                                       batch.padding_mask)
+        x = self.decoder.input_dropout(out.hidden[:, out.num_prefix :])  # (B2, Tk, D): dropout before the refill
+        B2, T = batch.mask.shape
+        # masked slots: N(0, 0.01) noise; padding: zeros; kept slots: the student's outputs (filler slots land in an
+        # extra column T that is dropped)
+        noise = position_noise(self.seed, batch.first, batch.clones, (B2, T, x.shape[-1]), x.device, x.dtype) * 0.01
+        noise = noise * batch.mask.unsqueeze(-1).to(x.dtype)
+        full = torch.cat([noise, noise.new_zeros(B2, 1, x.shape[-1])], dim=1)
+        full = full.scatter(1, batch.keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)[:, :T]
+        return self.decoder(full), out
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.targets_cfg
+        pred, out = self._predict_v2(batch) if self.v2 else self._predict_v1(batch)
+        clones = batch.clones if self.v2 else 1
         with torch.no_grad():
             reuse = {"features": out.features.detach()} if self.reuse_features and out.features is not None else {}
             t_out = self.teacher.encode(
@@ -143,17 +218,43 @@ class Data2Vec(nn.Module):
             target = ops.targets(
                 layers, cfg.norm, cfg.final_norm, padding_mask=t_out.padding_mask, eps=cfg.eps, backend=self.backend
             )  # (B, T, D) fp32
-        mask = batch.mask if out.padding_mask is None else batch.mask & ~out.padding_mask
+        mask = batch.mask
+        if out.padding_mask is not None:  # frames: padding is never predicted
+            pad = out.padding_mask if clones == 1 else out.padding_mask.repeat_interleave(clones, 0)
+            mask = mask & ~pad
         if batch.student_inputs is not None and self.mask_id is not None and cfg.loss_on == "mask_token":
             mask = mask & (batch.student_inputs == self.mask_id)  # not the random / unchanged ones
+        # One teacher pass serves every clone: the loss pairs pred row i with target row i // clones (no copies).
         loss = ops.masked_regression_loss(
-            pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend
+            pred, target, mask, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean", backend=self.backend,
+            clones=clones,
         )
+        if self.v2 and cfg.cls_loss > 0 and out.num_prefix:
+            # data2vec 2.0 images: each clone's CLS output regresses the mean target over patches. The reference
+            # adds cls_loss x (masked count) x the sum over its GPU's clones before dividing by the masked count,
+            # which ties the weight to the per-GPU batch; here the weight multiplies the mean over clones, so the
+            # loss is the same on any number of processes (the presets carry the reference's effective weight).
+            cls_target = target.mean(dim=1, keepdim=True)  # (B, 1, D)
+            cls_loss = ops.masked_regression_loss(
+                out.hidden[:, :1], cls_target, None, beta=cfg.loss_beta, scale=self.loss_scale, reduction="mean",
+                backend=self.backend, clones=clones,
+            )
+            loss = loss + cfg.cls_loss * cls_loss
         with torch.no_grad():
             w = mask.unsqueeze(-1).float()
+            t_w = w if clones == 1 else w.view(-1, clones, *w.shape[1:]).amax(dim=1)  # rows any clone predicts
             stats = {
-                "target_std": _masked_std(target, w),
+                "target_std": _masked_std(target, t_w),
                 "pred_std": _masked_std(pred.detach(), w),
                 "masked": w.sum(),
             }
         return loss, stats
+
+
+def build_objective(cfg, encoder: nn.Module | None = None) -> Data2Vec:
+    """The objective of a PretrainConfig: its recipe picks the student path (v1: head, v2: decoder)."""
+    from d2v.models import build_encoder
+
+    encoder = build_encoder(cfg.model) if encoder is None else encoder
+    return Data2Vec(encoder, cfg.targets, cfg.ema, backend=cfg.run.kernels,
+                    decoder=cfg.decoder if cfg.recipe == "v2" else None, seed=cfg.run.seed)

@@ -254,6 +254,220 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# data2vec 2.0 (--recipe v2). base and large: the reference's values (../shared/DATA2VEC2.md, docs/RECIPES.md);
+# tiny and small: sized for CPU work on the same data as the v1 CPU presets.
+_V2_VISION = {
+    "model.arch": "v2",
+    "model.image_size": 224,
+    "model.patch_size": 16,
+    "model.depth": 12,
+    "model.prenet_depth": 2,  # 2 pre-net + 10 main blocks; targets from the 10 main ones
+    "model.drop_path": 0.0,
+    "model.attention_dropout": 0.0,
+    "data.image_size": 224,
+    "data.crop_scale": (0.2, 1.0),
+    "data.hflip": True,
+    "data.color_jitter": 0.0,
+    "mask.kind": "inverse_block",
+    "mask.ratio": 0.8,
+    "mask.adjust": 0.07,
+    "mask.block_size": 3,
+    "mask.clones": 16,
+    "targets.top_k": 10,
+    "targets.layer": "ffn",
+    "targets.norm": "instance",
+    "targets.final_norm": "layer",
+    "targets.loss_beta": 0.0,
+    "targets.loss_scale": "inv_sqrt_dim",
+    "targets.cls_loss": 2.56,  # the reference's 0.01 x its sum over 256 clones per GPU (16 images x 16 clones)
+    "decoder.dim": 768,
+    "decoder.kernel": 3,
+    "decoder.groups": 16,
+    "decoder.depth": 6,
+    "decoder.input_dropout": 0.0,
+    "ema.decay": 0.9998,
+    "ema.end_decay": 0.99999,
+    "ema.anneal_steps": 100_000,
+    "ema.shared": [],
+    "optim.lr": 1e-3,
+    "optim.betas": (0.9, 0.95),
+    "optim.weight_decay": 0.05,
+    "optim.schedule": "cosine",
+    "optim.warmup_fraction": 50_040 / 375_300,
+    "optim.final_lr_ratio": 0.0,
+    "optim.clip_grad": 4.0,
+    "optim.no_decay": ["1d", "bias", "cls_token"],
+    "run.batch_size": 256,
+    "run.steps": 375_300,
+}
+_V2_VISION_CPU = {
+    **_V2_VISION,
+    "model.image_size": 0,  # from the data
+    "model.patch_size": 0,  # chosen from the image size
+    "model.in_chans": 0,
+    "model.prenet_depth": 0,
+    "data.image_size": 0,
+    "data.crop_scale": (0.7, 1.0),
+    "data.hflip": False,  # as v1's CPU presets: digits and letters change when flipped
+    "mask.ratio": 0.6,
+    "mask.block_size": 2,
+    "mask.clones": 4,
+    "decoder.kernel": 3,
+    "decoder.groups": 8,
+    "ema.decay": 0.998,
+    "ema.end_decay": 0.9999,
+    "optim.lr": 1e-3,
+    "optim.warmup_fraction": 0.05,
+    "optim.clip_grad": 4.0,
+    "run.batch_size": 64,
+    "run.log_every": 10,
+}
+_V2_SPEECH = {
+    "data.source": "default",
+    "data.crop_seconds": 20.0,  # 320k samples
+    "data.min_seconds": 2.0,  # 32k samples
+    "model.alibi": True,
+    "model.layerdrop": 0.05,
+    "mask.kind": "block_1d",
+    "mask.ratio": 0.5,
+    "mask.adjust": 0.05,
+    "mask.span_length": 5,
+    "mask.clones": 8,
+    "targets.top_k": 8,
+    "targets.layer": "ffn",
+    "targets.norm": "instance",
+    "targets.final_norm": "none",
+    "targets.loss_beta": 0.0,
+    "targets.loss_scale": "inv_sqrt_dim",
+    "decoder.dim": 384,
+    "decoder.kernel": 7,
+    "decoder.groups": 16,
+    "decoder.depth": 4,
+    "decoder.input_dropout": 0.1,
+    "ema.decay": 0.999,
+    "ema.end_decay": 0.99999,
+    "ema.anneal_steps": 75_000,
+    # The teacher runs on the student's conv features (conv stack and projection shared, not averaged).
+    "ema.shared": ["feature_extractor.", "feature_projection."],
+    "optim.lr": 7.5e-4,
+    "optim.betas": (0.9, 0.98),
+    "optim.eps": 1e-6,
+    "optim.weight_decay": 0.01,
+    "optim.schedule": "cosine",
+    "optim.warmup_fraction": 8_000 / 400_000,
+    "optim.final_lr_ratio": 0.0,
+    "optim.clip_grad": 0.0,
+    "optim.no_decay": [],  # base audio decays every parameter
+    "run.steps": 400_000,
+    "run.batch_size": 256,
+}
+_V2_SPEECH_CPU = {
+    **_V2_SPEECH,
+    "data.crop_seconds": 1.5,
+    "data.min_seconds": 0.0,
+    "model.pos_conv_depth": 2,
+    "model.layerdrop": 0.0,
+    "mask.clones": 4,
+    "decoder.groups": 8,
+    "decoder.kernel": 5,
+    "decoder.depth": 2,
+    "ema.decay": 0.99,
+    "ema.end_decay": 0.999,
+    "optim.lr": 5e-4,
+    "optim.warmup_fraction": 0.1,
+    "optim.clip_grad": 1.0,
+    "optim.no_decay": ["1d", "bias"],
+    "run.batch_size": 8,
+    "run.log_every": 10,
+}
+_V2_TEXT = {
+    "data.source": "pydoc",
+    "mask.kind": "random",
+    "mask.ratio": 0.48,
+    "mask.clones": 8,
+    "targets.top_k": 12,
+    "targets.layer": "ffn",
+    "targets.norm": "instance",
+    "targets.final_norm": "none",
+    "targets.loss_beta": 0.0,
+    "targets.loss_scale": "one",
+    "decoder.dim": 768,
+    "decoder.kernel": 9,
+    "decoder.groups": 1,
+    "decoder.depth": 5,
+    "decoder.residual": False,
+    "decoder.proj_hidden": 1536,
+    "decoder.input_dropout": 0.1,
+    "ema.decay": 0.9999,
+    "ema.end_decay": 0.99999,
+    "ema.anneal_steps": 100_000,
+    "ema.shared": ["embeddings."],  # only the blocks are averaged; the teacher embeds as the student does
+    "optim.lr": 2e-4,
+    "optim.betas": (0.9, 0.98),
+    "optim.eps": 1e-6,
+    "optim.weight_decay": 0.01,
+    "optim.schedule": "cosine",
+    "optim.warmup_fraction": 4_000 / 1_000_000,
+    "optim.clip_grad": 1.0,
+    "optim.no_decay": ["1d", "bias"],
+    "run.steps": 1_000_000,
+    "run.batch_size": 64,  # x 512 tokens
+    "data.vocab_size": 50_000,
+}
+_V2_TEXT_CPU = {
+    **_V2_TEXT,
+    "data.vocab_size": 4096,
+    "mask.clones": 4,
+    "decoder.kernel": 5,
+    "decoder.depth": 2,
+    "ema.decay": 0.99,
+    "ema.end_decay": 0.999,
+    "optim.lr": 1e-3,
+    "optim.warmup_fraction": 0.05,
+    "run.log_every": 10,
+}
+
+PRESETS_V2: dict[str, dict[str, dict[str, Any]]] = {
+    "vision": {
+        "tiny": {**_V2_VISION_CPU, "model.dim": 96, "model.depth": 4, "model.num_heads": 3, "targets.top_k": 3,
+                 "decoder.dim": 96, "decoder.depth": 2, "ema.anneal_steps": 500, "run.steps": 500},
+        "small": {**_V2_VISION_CPU, "model.dim": 192, "model.depth": 6, "model.num_heads": 6, "targets.top_k": 4,
+                  "decoder.dim": 192, "decoder.depth": 3, "ema.anneal_steps": 1000, "run.steps": 1000},
+        "base": dict(_V2_VISION),
+        "large": {**_V2_VISION, "run.strategy": "fsdp", "model.dim": 1024, "model.depth": 24,
+                  "model.prenet_depth": 0, "model.num_heads": 16, "mask.ratio": 0.75, "mask.adjust": 0.1,
+                  "targets.top_k": 18, "decoder.dim": 1024, "decoder.kernel": 5, "decoder.depth": 3,
+                  "optim.lr": 4e-4, "ema.anneal_steps": 150_000},
+    },
+    "speech": {
+        "tiny": {**_V2_SPEECH_CPU, "model.conv_dim": [64, 64, 128, 128, 128, 128, 128], "model.dim": 96,
+                 "model.depth": 4, "model.num_heads": 4, "model.ffn_dim": 384, "targets.top_k": 3,
+                 "decoder.dim": 96, "ema.anneal_steps": 200, "run.steps": 200},
+        "small": {**_V2_SPEECH_CPU, "model.conv_dim": [128, 128, 256, 256, 256, 256, 256], "model.dim": 192,
+                  "model.depth": 4, "model.num_heads": 4, "model.ffn_dim": 768, "targets.top_k": 4,
+                  "decoder.dim": 192, "ema.anneal_steps": 500, "run.steps": 500},
+        "base": dict(_V2_SPEECH),
+        "large": {**_V2_SPEECH, "model.dim": 1024, "model.depth": 24, "model.prenet_depth": 8,
+                  "model.num_heads": 16, "model.ffn_dim": 4096, "mask.ratio": 0.55, "mask.adjust": 0.1,
+                  "mask.clones": 12, "targets.top_k": 16, "ema.decay": 0.9997, "ema.end_decay": 1.0,
+                  "ema.anneal_steps": 300_000, "optim.lr": 4e-4, "optim.clip_grad": 1.0,
+                  "optim.no_decay": ["1d", "bias"]},
+    },
+    "text": {
+        "tiny": {**_V2_TEXT_CPU, "model.dim": 128, "model.depth": 4, "model.num_heads": 4, "model.ffn_dim": 512,
+                 "model.max_length": 64, "targets.top_k": 4, "decoder.dim": 128, "decoder.proj_hidden": 256,
+                 "ema.anneal_steps": 150, "run.steps": 150, "run.batch_size": 32},
+        "small": {**_V2_TEXT_CPU, "model.dim": 256, "model.depth": 6, "model.num_heads": 4, "model.ffn_dim": 1024,
+                  "model.max_length": 128, "targets.top_k": 6, "decoder.dim": 256, "decoder.proj_hidden": 512,
+                  "ema.anneal_steps": 1000, "run.steps": 1000, "run.batch_size": 32},
+        "base": dict(_V2_TEXT),
+        "large": {**_V2_TEXT, "run.strategy": "fsdp", "model.dim": 1024, "model.depth": 24, "model.num_heads": 16,
+                  "model.ffn_dim": 4096, "mask.ratio": 0.5, "targets.top_k": 24, "targets.norm": "layer",
+                  "targets.final_norm": "instance", "optim.lr": 1e-4, "run.steps": 600_000},
+    },
+}
+RECIPES = {"v1": PRESETS, "v2": PRESETS_V2}
+
 DEFAULT_PRESET = {"vision": "tiny", "speech": "tiny", "text": "tiny"}
 
 
@@ -261,20 +475,24 @@ def modalities() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset_names(modality: str) -> list[str]:
-    return list(PRESETS.get(modality, {}))
+def preset_names(modality: str, recipe: str = "v1") -> list[str]:
+    return list(RECIPES.get(recipe, PRESETS).get(modality, {}))
 
 
-def preset_config(modality: str, name: str | None = None) -> PretrainConfig:
-    """The resolved config of a named preset (default: the modality's CPU-sized default)."""
-    if modality not in PRESETS:
+def preset_config(modality: str, name: str | None = None, recipe: str = "v1") -> PretrainConfig:
+    """The resolved config of a named preset of a recipe ("v1": data2vec 1.0, "v2": 2.0; default preset: the
+    modality's CPU-sized one)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose v1 (data2vec 1.0) or v2 (data2vec 2.0)")
+    presets = RECIPES[recipe]
+    if modality not in presets:
         raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(modalities())}")
     name = name or DEFAULT_PRESET[modality]
-    if name not in PRESETS[modality]:
+    if name not in presets[modality]:
         raise ConfigError(
-            f"unknown {modality} preset {name!r}; choose one of {', '.join(preset_names(modality))}"
+            f"unknown {modality} preset {name!r}; choose one of {', '.join(preset_names(modality, recipe))}"
         )
-    cfg = PretrainConfig(modality=modality, preset=name, model=MODEL_CONFIGS[modality]())
-    for key, value in PRESETS[modality][name].items():
+    cfg = PretrainConfig(modality=modality, preset=name, recipe=recipe, model=MODEL_CONFIGS[modality]())
+    for key, value in presets[modality][name].items():
         set_by_path(cfg, key, value)
     return cfg

@@ -20,8 +20,7 @@ from d2v.config import PretrainConfig, from_dict
 from d2v.data.loader import batch_loader
 from d2v.data.pipeline import build_pipeline, torch_seed
 from d2v.errors import CheckpointError, ConfigError, UserError
-from d2v.models import build_encoder
-from d2v.objective import Data2Vec
+from d2v.objective import Data2Vec, build_objective
 from d2v.ops import backends
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,7 +118,8 @@ RESUME_MAY_CHANGE = ("run.device", "run.kernels", "data.num_workers", "run.grad_
 def resolve_run_dir(cfg: PretrainConfig, out: Path | None, when: float | None = None) -> Path:
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
-        out = Path("runs") / f"{cfg.modality}-{cfg.preset}-{stamp}"
+        recipe = "" if cfg.recipe == "v1" else f"{cfg.recipe}-"
+        out = Path("runs") / f"{cfg.modality}-{recipe}{cfg.preset}-{stamp}"
     return Path(out).expanduser()
 
 
@@ -231,7 +231,7 @@ def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, prog
            dist) -> Summary:
     main = dist.is_main
     torch.manual_seed(cfg.run.seed)
-    model = Data2Vec(build_encoder(cfg.model), cfg.targets, cfg.ema, backend=cfg.run.kernels).to(device)
+    model = build_objective(cfg).to(device)
     if fresh and cfg.run.init_from:
         init_from(model, cfg.run.init_from, say)  # before sharding: every rank loads the same full weights
     amp_dtype = PRECISIONS[cfg.run.precision]

@@ -9,7 +9,8 @@ from typing import Any, Callable
 from d2v.config import NO_DECAY_RULES, PretrainConfig
 from d2v.errors import ConfigError
 
-MASK_KINDS = {"vision": ("block",), "speech": ("span",), "text": ("bert", "span")}
+MASK_KINDS = {"vision": ("block", "inverse_block"), "speech": ("span", "block_1d"), "text": ("bert", "span", "random")}
+RECIPES = ("v1", "v2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpu")
 
@@ -33,6 +34,7 @@ _UNIT: Rule = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 _POS: Rule = (lambda v: _finite(v) and v > 0, "a positive number")
 _NONNEG: Rule = (lambda v: _finite(v) and v >= 0, "a number of at least 0")
 _SMALL_POS: Rule = (lambda v: _finite(v) and 0 < v <= 1, "a positive number of at most 1")
+_BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
 # a given tokenizer.json (--tokenizer) places its specials where it likes (RoBERTa: <mask> = 50264)
 _SPECIAL_ID: Rule = (lambda v: 0 <= v < 1 << 31, "the id of a special token (<s> <pad> </s> <unk> <mask>), at least 0")
 
@@ -60,12 +62,17 @@ RULES: dict[str, dict[str, Rule]] = {
         "pos_conv_depth": (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
         "pos_conv_kernel": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"), "pos_conv_groups": _POS_INT,
         "sample_rate": (lambda v: 1000 <= v <= 384_000, "a sample rate in Hz between 1000 and 384000"),
+        "arch": (lambda v: v in ("beit", "v2"), "'beit' (data2vec 1.0) or 'v2' (data2vec 2.0)"),
+        "prenet_depth": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1024"), "alibi": _BOOL,
     },
     "mask": {
         "ratio": (lambda v: _finite(v) and 0 < v < 1, "a number strictly between 0 and 1"),
         "min_block": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "aspect_min": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
         "span_length": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "span_prob": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
         "random_token": _UNIT, "unchanged": _UNIT,
+        "clones": (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
+        "block_size": (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+        "adjust": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     },
     "targets": {
         "top_k": _POS_INT, "layer": (lambda v: v in ("block", "ffn"), "'block' or 'ffn'"),
@@ -75,6 +82,13 @@ RULES: dict[str, dict[str, Rule]] = {
         "loss_scale": (lambda v: v in ("one", "inv_dim", "inv_sqrt_dim"), "'one', 'inv_dim' or 'inv_sqrt_dim'"),
         "head": (lambda v: v in ("linear", "mlp"), "'linear' or 'mlp'"),
         "loss_on": (lambda v: v in ("mask_token", "masked"), "'mask_token' or 'masked'"),
+        "cls_loss": (lambda v: _finite(v) and 0 <= v <= 100, "a number from 0 (off) to 100"),
+    },
+    "decoder": {
+        "dim": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"),
+        "kernel": (lambda v: 1 <= v <= 1023 and v % 2 == 1, "an odd integer from 1 to 1023"),
+        "groups": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "depth": (lambda v: 0 <= v <= 64, "an integer from 0 to 64"), "residual": _BOOL,
+        "input_dropout": _PROB, "proj_hidden": (lambda v: 0 <= v <= 1 << 20, "an integer from 0 to 1048576"),
     },
     "ema": {"decay": _UNIT, "end_decay": _UNIT, "anneal_steps": _NONNEG_INT,
             "shared": (lambda v: all(isinstance(x, str) and x for x in v), "a list of parameter-name prefixes")},
@@ -159,10 +173,17 @@ def check_relations(cfg: PretrainConfig) -> None:
     m, mk, t, o = cfg.model, cfg.mask, cfg.targets, cfg.optim
     if cfg.modality not in MASK_KINDS:
         raise ConfigError(f"unknown modality {cfg.modality!r}; choose vision, speech or text")
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe {cfg.recipe!r} is unknown; use v1 (data2vec 1.0) or v2 (data2vec 2.0)")
+    _check_recipe(cfg)
     if m.dim % m.num_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.dim ({m.dim})")
-    if t.top_k > m.depth:
-        raise ConfigError(f"targets.top_k ({t.top_k}) cannot exceed the number of blocks model.depth ({m.depth})")
+    prenet = getattr(m, "prenet_depth", 0)
+    if prenet >= m.depth:
+        raise ConfigError(f"model.prenet_depth ({prenet}) must be below model.depth ({m.depth})")
+    if t.top_k > m.depth - prenet:
+        what = f"model.depth ({m.depth})" if not prenet else f"model.depth - model.prenet_depth ({m.depth - prenet})"
+        raise ConfigError(f"targets.top_k ({t.top_k}) cannot exceed the number of target blocks {what}")
     if mk.kind not in MASK_KINDS[cfg.modality]:
         raise ConfigError(f"mask.kind {mk.kind!r} is not available for {cfg.modality}; use "
                           + " or ".join(repr(k) for k in MASK_KINDS[cfg.modality]))
@@ -192,6 +213,31 @@ def check_relations(cfg: PretrainConfig) -> None:
                               "(stride product " f"{math.prod(m.conv_stride)}); raise data.crop_seconds")
         if mk.span_length >= frames:
             raise ConfigError(f"mask.span_length ({mk.span_length}) must be shorter than a crop ({frames} frames)")
+
+
+def _check_recipe(cfg: PretrainConfig) -> None:
+    """What ties the recipe to the model, masks and decoder."""
+    m, mk, dec = cfg.model, cfg.mask, cfg.decoder
+    arch = getattr(m, "arch", None)
+    if cfg.targets.cls_loss > 0 and (cfg.recipe != "v2" or cfg.modality != "vision"):
+        raise ConfigError(f"targets.cls_loss ({cfg.targets.cls_loss}) is data2vec 2.0's image CLS loss: it needs "
+                          "--recipe v2 and --modality vision; set it to 0")
+    if cfg.recipe == "v1":
+        if mk.kind == "random":
+            raise ConfigError("mask.kind 'random' is data2vec 2.0's text masking: use it with --recipe v2 (v1 text "
+                              "masks with 'bert' or 'span')")
+        if mk.clones != 1:
+            raise ConfigError(f"mask.clones ({mk.clones}) > 1 needs --recipe v2 (data2vec 2.0's multi-mask)")
+        if arch == "v2":
+            raise ConfigError("model.arch 'v2' is data2vec 2.0's encoder (no mask token): use it with --recipe v2")
+        return
+    if arch == "beit":
+        raise ConfigError("--recipe v2 needs model.arch 'v2' (the BEiT-style v1 encoder cannot skip masked patches)")
+    if arch == "v2" and m.dim % 4:
+        raise ConfigError(f"model.dim ({m.dim}) must be divisible by 4 for the 2-D sin-cos positions of model.arch v2")
+    for width, name in ((m.dim, "model.dim"), (dec.dim, "decoder.dim")):
+        if width % dec.groups:
+            raise ConfigError(f"decoder.groups ({dec.groups}) must divide {name} ({width})")
 
 
 def _check_vision_grid(cfg: PretrainConfig) -> None:
@@ -248,6 +294,8 @@ def estimate_bytes(cfg: PretrainConfig) -> int:
         chans = [1, *m.conv_dim]
         params += sum(chans[i] * chans[i + 1] * k for i, k in enumerate(m.conv_kernel))
     weights = params * 4 * 5  # student, grad, two Adam moments, teacher
+    if cfg.recipe == "v2":  # the student sees the kept tokens of every clone; the teacher keeps no activations
+        B, T = B * cfg.mask.clones, max(1, int(T * (1.0 - cfg.mask.ratio)) + 1)
     per_block = B * T * (6 * D + 2 * ffn) + B * m.num_heads * T * T
     if cfg.modality == "speech":  # the conv front end's activations at its first (widest in time) layers
         samples = int(cfg.data.crop_seconds * m.sample_rate)

@@ -3,7 +3,8 @@
 Each program takes a block of rows, reads pred and target only for selected rows, writes the gradient of
 every row (zero where not selected) and one partial loss. The mean's denominator (the mask count) is a
 device tensor the kernel loads, and the partials are summed on device in a fixed order, so the op never
-synchronizes with the host and is deterministic.
+synchronizes with the host and is deterministic. With clones = M (multi-mask) pred holds M clones of each
+sample; the kernel computes each pred row's target row, so target is read in place, never repeated.
 """
 from __future__ import annotations
 
@@ -16,25 +17,32 @@ from ._layout import device_of, supported
 
 @triton.jit
 def _masked_regression_loss_kernel(
-    pred_ptr,  # (R, D) rows stride_pred apart
-    target_ptr,  # (R, D) rows stride_target apart
+    pred_ptr,  # (R, D) rows stride_pred apart: (B*M, *S) rows of D
+    target_ptr,  # (R / M, D) rows stride_target apart: (B, *S) rows of D
     mask_ptr,  # (R,) uint8, nonzero at selected rows (HAS_MASK only)
     count_ptr,  # () fp32 number of selected rows (COUNT_ON_DEVICE only)
     grad_ptr,  # (R, D) contiguous, fp32 or bf16 (NEED_GRAD only)
     partial_ptr,  # (n_programs,) fp32 out: this program's share of the loss
     R, D,
+    rows_per_sample, rows_per_group,  # prod(S), and M * prod(S): the pred rows of one target sample (CLONED only)
     stride_pred, stride_target,
     beta, factor,  # factor: scale, already divided by the row count when that is known on the host
     SMOOTH: tl.constexpr,  # smooth-L1 with beta, else squared error
     HAS_MASK: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    CLONED: tl.constexpr,  # M > 1
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
+    # pred row r = (b * M + m) * prod(S) + s reads target row b * prod(S) + s
+    if CLONED:
+        t_rows = (rows // rows_per_group) * rows_per_sample + rows % rows_per_sample
+    else:
+        t_rows = rows
     selected = row_ok
     if HAS_MASK:
         selected = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
@@ -46,7 +54,7 @@ def _masked_regression_loss_kernel(
         c = d0 + cols
         ok = selected[:, None] & (c < D)[None, :]
         p = tl.load(pred_ptr + rows[:, None] * stride_pred + c[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = tl.load(target_ptr + rows[:, None] * stride_target + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(target_ptr + t_rows[:, None] * stride_target + c[None, :], mask=ok, other=0.0).to(tl.float32)
         d = p - y  # 0 outside selected rows
         if SMOOTH:
             ad = tl.abs(d)
@@ -80,17 +88,18 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
-    """pred, target (..., D); mask bool pred.shape[:-1] or None -> (fp32 loss (), grad of pred's shape or empty).
+def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones=1):
+    """pred (B*M, *S, D), target (B, *S, D) with M = clones; mask bool pred.shape[:-1] or None
+    -> (fp32 loss (), grad of pred's shape or empty).
 
     The gradient is fp32, or bf16 for bf16 pred, never fp16: the autograd wrapper folds in the incoming gradient
     before rounding to pred's dtype.
     """
     with device_of(pred):
-        return _loss(pred, target, mask, beta, scale, reduction, need_grad)
+        return _loss(pred, target, mask, beta, scale, reduction, need_grad, clones)
 
 
-def _loss(pred, target, mask, beta, scale, reduction, need_grad):
+def _loss(pred, target, mask, beta, scale, reduction, need_grad, clones):
     D = pred.shape[-1]
     device = pred.device
     if pred.numel() == 0:  # no rows, or D = 0: zero loss, (empty) zero gradient
@@ -98,6 +107,7 @@ def _loss(pred, target, mask, beta, scale, reduction, need_grad):
         return torch.zeros((), dtype=torch.float32, device=device), grad
     p, y = _rows_2d(pred), _rows_2d(target)
     R = p.shape[0]
+    rows_per_sample = R // pred.shape[0]  # pred.numel() > 0, so pred.shape[0] > 0
     grad = torch.empty(pred.shape, dtype=_grad_dtype(pred), device=device) if need_grad else pred.new_empty(0)
     count = None
     factor = float(scale)
@@ -112,8 +122,9 @@ def _loss(pred, target, mask, beta, scale, reduction, need_grad):
     partial = torch.empty(grid, dtype=torch.float32, device=device)
     _masked_regression_loss_kernel[(grid,)](
         p, y, m, count if count is not None else partial, grad if need_grad else partial, partial,
-        R, D, p.stride(0), y.stride(0), float(beta), factor,
+        R, D, rows_per_sample, rows_per_sample * clones, p.stride(0), y.stride(0), float(beta), factor,
         SMOOTH=beta > 0, HAS_MASK=mask is not None, COUNT_ON_DEVICE=count is not None, NEED_GRAD=need_grad,
+        CLONED=clones > 1,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )
     return partial.sum(), grad

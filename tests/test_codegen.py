@@ -35,7 +35,7 @@ def codegen():
 
 
 ALIGNED = ["targets rows bf16 layer+final layer", "targets rows bf16 instance", "targets instance stats bf16",
-           "ema fp32 student", "ema bf16 student", "loss bf16 pred"]
+           "ema fp32 student", "ema bf16 student", "loss bf16 pred", "loss bf16 pred clones"]
 
 
 @pytest.mark.parametrize("case", ALIGNED)

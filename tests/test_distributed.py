@@ -117,6 +117,23 @@ def test_masks_and_crops_do_not_depend_on_how_the_batch_is_split():
             torch.testing.assert_close(whole.inputs, torch.cat([h.inputs for h in halves]))
 
 
+@pytest.mark.parametrize("modality", ["vision", "speech", "text"])
+def test_two_processes_equal_one_v2(tmp_path, modality):
+    """data2vec 2.0: the kept positions, the clones' masks and the decoder's noise are functions of the sample
+    position, so 2 processes end with the 1-process weights too."""
+    extra = {"decoder.dim": 32, "decoder.groups": 4, "mask.clones": 3, "decoder.input_dropout": 0.0,
+             **({"decoder.proj_hidden": 48} if modality == "text" else {})}
+    cfg = preset_config(modality, "tiny", recipe="v2")
+    for key, value in {**MODALITY[modality], **extra}.items():
+        set_by_path(cfg, key, value)
+    steps = cfg.run.steps
+    one = pretrain(cfg, out=tmp_path / "one", progress=False)
+    rc, out = torchrun([*cli_args(modality, **extra), "--recipe", "v2", "--out", str(tmp_path / "two")],
+                       tmp_path / "logs")
+    assert rc == 0, out
+    assert max_diff(weights(one.run_dir, steps), weights(tmp_path / "two", steps)) < 1e-5
+
+
 def test_dry_run_shows_the_batch_split(monkeypatch):
     from typer.testing import CliRunner
 

@@ -196,6 +196,43 @@ def test_loss_bf16_pred_fp32_target_without_grad(device):
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_clones(reduction, beta, dtype, device):
+    """pred (B*M, *S, D) against target (B, *S, D): the kernels index target rows; the float64 reference sees
+    target.repeat_interleave(M, 0). D not a power of two, S = 1, B = 1, (N, D) rows, M in 1, 2, 3, 5."""
+    for (B, *S, D), M in [((4, 9, 33), 3), ((1, 1, 1), 5), ((3, 1, 100), 2), ((13, 24), 3), ((2, 2, 3, 7), 5),
+                          ((2, 5, 768), 2), ((3, 4, 8), 1)]:
+        pred = torch.randn(B * M, *S, D).to(dtype).to(device).requires_grad_()
+        target_dtype = DTYPES[(DTYPES.index(dtype) + M) % 3]
+        target = torch.randn(B, *S, D).to(target_dtype).to(device)
+        for mask in (None, (torch.rand(B * M, *S) < 0.6).to(device)):
+            pred.grad = None
+            loss = ops.masked_regression_loss(pred, target, mask, beta=beta, scale=0.7, reduction=reduction,
+                                              backend=device, clones=M)
+            (loss * 3).backward()
+            ref_pred = pred.detach().double().requires_grad_()
+            want = reference.masked_regression_loss_reference(ref_pred, target.repeat_interleave(M, 0), mask, beta,
+                                                              0.7, reduction, dtype=torch.float64)
+            (want * 3).backward()
+            torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+            assert pred.grad.dtype == dtype and pred.grad.shape == pred.shape
+            torch.testing.assert_close(pred.grad.double(), ref_pred.grad.to(dtype).double(), **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_clones_wrong_shapes_raise_value_error_in_the_kernel(device):
+    """The compiled op checks the shapes itself (a direct torch.ops.d2v_ext call gets a ValueError, no bad read)."""
+    op = torch.ops.d2v_ext.masked_regression_loss.default
+    for pred_shape, target_shape, clones in [((6, 5, 7), (2, 5, 7), 2), ((6, 5, 7), (2, 4, 7), 3),
+                                             ((6, 7), (2, 5, 7), 3), ((2, 7), (2, 7), 0)]:
+        with pytest.raises(ValueError, match="clones"):
+            op(torch.randn(pred_shape, device=device), torch.randn(target_shape, device=device), None, 0.0, 1.0,
+               "mean", True, clones)
+
+
 # ---------------------------------------------------------------------------------------------- opcheck
 def _opcheck_samples(device):
     B, T, D = 2, 5, 8
@@ -210,6 +247,9 @@ def _opcheck_samples(device):
           [torch.randn(7, device=device).bfloat16(), torch.randn(3, 4, device=device)], 0.99)),
         (torch.ops.d2v_ext.masked_regression_loss.default, (pred, target, mask, 0.5, 1.0, "mean", True)),
         (torch.ops.d2v_ext.masked_regression_loss.default, (pred, target, None, 0.0, 2.0, "sum", False)),
+        (torch.ops.d2v_ext.masked_regression_loss.default,
+         (torch.randn(3 * B, T, D, device=device).bfloat16(), target, _mask(3 * B, T, 0.5, device), 0.5, 1.0, "mean",
+          True, 3)),
     ]
 
 

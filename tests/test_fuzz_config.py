@@ -23,7 +23,8 @@ ZERO_OK = {
     "optim.hold_fraction", "optim.final_lr_ratio", "optim.clip_grad", "data.image_size", "data.num_workers",
     "data.min_seconds", "run.seed", "run.checkpoint_every", "run.keep_checkpoints", "run.collapse_after",
     "run.eval_every", "run.checkpoint_minutes",
-    "data.color_jitter",
+    "data.color_jitter", "model.prenet_depth", "mask.adjust", "targets.cls_loss", "decoder.depth",
+    "decoder.input_dropout", "decoder.proj_hidden",
 }
 MINUS_ONE_OK = {"data.num_workers"}  # -1: automatic
 # Fields where a huge value is only "never" (no clipping, no checkpoint until the end, keep everything).

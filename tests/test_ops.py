@@ -339,3 +339,154 @@ def test_backend_loss_gradient_is_never_stored_in_fp16(backend, device, dtype):
     pred = torch.randn(4, 8, device=device).to(dtype)
     _, grad = impl.masked_regression_loss(pred, torch.randn(4, 8, device=device), None, 0.0, 1.0, "mean", True)
     assert grad.dtype == ops.grad_dtype(dtype) != torch.float16 and grad.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- clones (multi-mask)
+# pred (B*M, *S, D) against target (B, *S, D): pred sample i pairs with target sample i // M, i.e. exactly the op
+# on target.repeat_interleave(M, 0), which no backend may build. Shapes: D not a power of two, S = 1, B = 1, (N, D).
+CLONE_SHAPES = [(2, 5, 7), (1, 1, 1), (3, 1, 33), (1, 4, 100), (4, 7), (2, 2, 3, 5)]
+
+
+def _clone_inputs(shape, M, pred_dtype, target_dtype, device="cpu", p=0.6):
+    B, rest = shape[0], shape[1:]
+    pred = (torch.randn(B * M, *rest) * 2).to(pred_dtype).to(device).requires_grad_()
+    target = torch.randn(B, *rest).to(target_dtype).to(device)
+    mask = (torch.rand(B * M, *rest[:-1]) < p).to(device)
+    return pred, target, mask
+
+
+def _check_clones(pred, target, mask, M, beta, reduction, backend, scale=0.37):
+    """The op with clones=M vs the float64 reference on repeat_interleave'd targets: loss and gradient."""
+    pred.grad = None
+    loss = ops.masked_regression_loss(pred, target, mask, beta=beta, scale=scale, reduction=reduction,
+                                      backend=backend, clones=M)
+    (loss * 3).backward()
+    p64 = pred.detach().cpu().double().requires_grad_()
+    repeated = target.cpu().repeat_interleave(M, 0)
+    want = ref_loss(p64, repeated, None if mask is None else mask.cpu(), beta, scale, reduction)
+    (want * 3).backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), atol=1e-5, rtol=1e-5)
+    assert pred.grad.dtype == pred.dtype and pred.grad.shape == pred.shape
+    tol = 1e-5 if pred.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(pred.grad.cpu().double(), p64.grad.to(pred.dtype).double(), atol=tol * 1e-2, rtol=tol)
+
+
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_loss_clones_match_float64_on_repeated_targets(pred_dtype, target_dtype):
+    for shape in CLONE_SHAPES:
+        for M in (1, 2, 3, 5):
+            pred, target, mask = _clone_inputs(shape, M, pred_dtype, target_dtype)
+            for beta, reduction in [(0.0, "mean"), (0.0, "sum"), (0.5, "mean"), (2.0, "sum")]:
+                _check_clones(pred, target, mask, M, beta, reduction, "torch")
+            _check_clones(pred, target, None, M, 0.5, "mean", "torch")
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+def test_reference_clones_is_the_loss_on_repeated_targets(M):
+    pred, target, mask = _clone_inputs((2, 5, 7), M, torch.float32, torch.float32)
+    for beta, reduction in [(0.0, "mean"), (0.5, "sum")]:
+        got = reference.masked_regression_loss_reference(pred.detach(), target, mask, beta, 0.5, reduction,
+                                                         dtype=torch.float64, clones=M)
+        want = ref_loss(pred.detach(), target.repeat_interleave(M, 0), mask, beta, 0.5, reduction)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("pred_shape,target_shape,clones", [
+    ((6, 5, 7), (2, 5, 7), 2),  # leading dim not clones * B
+    ((6, 5, 7), (2, 4, 7), 3),  # S differs
+    ((6, 5, 7), (2, 5, 8), 3),  # D differs
+    ((6, 5, 7), (2, 35), 3),  # rank differs
+    ((6,), (2,), 3),  # no (..., D) rows
+    ((2, 5, 7), (2, 5, 7), 0),  # clones < 1
+    ((2, 5, 7), (2, 5, 7), -1),
+])
+def test_loss_clones_wrong_shapes_are_one_value_error(pred_shape, target_shape, clones):
+    with pytest.raises(ValueError, match=r"clones|shape") as err:
+        ops.masked_regression_loss(torch.randn(pred_shape), torch.randn(target_shape), clones=clones)
+    if clones >= 1:
+        assert str(tuple(pred_shape)) in str(err.value) and str(tuple(target_shape)) in str(err.value)
+
+
+def test_loss_clones_mask_must_have_pred_shape():
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(6, 5\)"):
+        ops.masked_regression_loss(torch.randn(6, 5, 7), torch.randn(2, 5, 7), torch.ones(2, 5, dtype=torch.bool),
+                                   clones=3)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_loss_clones_every_backend_matches_float64(backend, device):
+    _skip_unavailable(backend, device)
+    for shape, M, pred_dtype, target_dtype in [((2, 5, 7), 3, torch.float32, torch.float32),
+                                               ((1, 1, 1), 5, torch.bfloat16, torch.float32),
+                                               ((3, 1, 33), 2, torch.float16, torch.bfloat16),
+                                               ((4, 7), 3, torch.bfloat16, torch.float16),
+                                               ((1, 3, 100), 2, torch.float32, torch.bfloat16)]:
+        pred, target, mask = _clone_inputs(shape, M, pred_dtype, target_dtype, device)
+        _check_clones(pred, target, mask, M, 0.0, "mean", backend)
+        _check_clones(pred, target, None, M, 0.5, "sum", backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_loss_clones_equals_the_op_on_repeated_targets(backend, device):
+    """clones=M gives the numbers of today's op on target.repeat_interleave(M, 0): bit for bit in the kernels (the
+    same arithmetic, only the target row's address differs), and clones=1 is today's op."""
+    _skip_unavailable(backend, device)
+    exact = backend != "torch" or device == "cpu"
+    for M, beta in [(1, 0.0), (3, 0.0), (5, 0.75)]:
+        pred, target, mask = _clone_inputs((2, 6, 24), M, torch.bfloat16, torch.float32, device)
+        results = []
+        for y, clones in [(target, M), (target.repeat_interleave(M, 0), 1)]:
+            pred.grad = None
+            loss = ops.masked_regression_loss(pred, y, mask, beta=beta, backend=backend, clones=clones)
+            loss.backward()
+            results.append((loss.detach(), pred.grad.clone()))
+        (la, ga), (lb, gb) = results
+        if exact:
+            assert torch.equal(la, lb) and torch.equal(ga, gb)
+        else:
+            torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+            torch.testing.assert_close(ga, gb, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_loss_clones_empty_mask_and_strided_inputs(backend, device):
+    _skip_unavailable(backend, device)
+    pred = torch.randn(6, 4, 9, device=device, requires_grad=True)
+    target = torch.randn(2, 4, 9, device=device)
+    loss = ops.masked_regression_loss(pred, target, torch.zeros(6, 4, dtype=torch.bool, device=device), beta=0.5,
+                                      backend=backend, clones=3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred))
+    # pred a transposed view (T, B*M, D) -> (B*M, T, D); target a column-sliced view of a wider tensor
+    pred = torch.randn(5, 6, 11, device=device).half().transpose(0, 1).requires_grad_()  # (6, 5, 11)
+    target = torch.randn(2, 5, 16, device=device)[:, :, 2:13]  # (2, 5, 11), rows 16 apart
+    _check_clones(pred, target, (torch.rand(6, 5) < 0.5).to(device), 3, 0.25, "mean", backend)
+
+
+def test_loss_clones_compile_without_graph_breaks():
+    def step(pred, target, mask, layers):
+        y = ops.targets(layers, "layer", "layer", backend="torch")  # (B, T, D): one teacher pass per sample
+        return ops.masked_regression_loss(pred, y + target, mask, beta=2.0, backend="torch", clones=3)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    pred = torch.randn(6, 5, 8, requires_grad=True)
+    args = (torch.randn(2, 5, 8), torch.rand(6, 5) < 0.5, torch.randn(3, 2, 5, 8))
+    torch.testing.assert_close(compiled(pred, *args), step(pred, *args))
+    compiled(pred, *args).backward()
+    g = pred.grad.clone()
+    pred.grad = None
+    step(pred, *args).backward()
+    torch.testing.assert_close(g, pred.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_loss_clones_opcheck(backend, device):
+    """Schema, fake (meta) kernel and the real one agree with clones=3: the gradient has pred's shape, not target's."""
+    _skip_unavailable(backend, device)
+    pred = torch.randn(5, 6, 8, device=device).bfloat16().transpose(0, 1).requires_grad_()  # (6, 5, 8), strided
+    torch.library.opcheck(torch.ops.d2v.masked_regression_loss.default,
+                          (pred, torch.randn(2, 5, 8, device=device), (torch.rand(6, 5) < 0.5).to(device), 0.5, 1.0,
+                           "mean", True, backend, 3),
+                          test_utils=("test_schema", "test_faketensor"))

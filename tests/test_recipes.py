@@ -27,10 +27,12 @@ def _value(text: str):
 
 
 def _rows():
-    modality, rows = None, []
+    """(modality, recipe, row) of every table row; sections "## vision" (v1) and "## v2 vision" (v2)."""
+    modality, recipe, rows = None, "v1", []
     for line in DOC.read_text().splitlines():
         if line.startswith("## "):
-            modality = line[3:].strip()
+            words = line[3:].split()
+            recipe, modality = (words[0], words[1]) if words[0] == "v2" else ("v1", " ".join(words))
             continue
         if modality not in ("vision", "speech", "text"):  # other sections' tables are not fidelity rows
             continue
@@ -38,7 +40,7 @@ def _rows():
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(cells) == len(COLUMNS), f"malformed row in {DOC.name}: {line}"
-        rows.append((modality, dict(zip(COLUMNS, cells))))
+        rows.append((modality, recipe, dict(zip(COLUMNS, cells))))
     return rows
 
 
@@ -61,15 +63,15 @@ ROWS = _rows()
 
 
 def test_table_covers_every_modality():
-    assert {m for m, _ in ROWS} == {"vision", "speech", "text"}
-    assert len(ROWS) > 90
+    assert {(m, r) for m, r, _ in ROWS} == {(m, r) for m in ("vision", "speech", "text") for r in ("v1", "v2")}
+    assert len(ROWS) > 200
 
 
-@pytest.mark.parametrize("modality,row", ROWS, ids=[f"{m}-{r['field']}" for m, r in ROWS])
-def test_presets_match_the_table(modality, row):
+@pytest.mark.parametrize("modality,recipe,row", ROWS, ids=[f"{r}-{m}-{row['field']}" for m, r, row in ROWS])
+def test_presets_match_the_table(modality, recipe, row):
     deliberate = row["note"].lower().startswith("deliberate")
     for size in ("base", "large"):
-        actual = _get(preset_config(modality, size), row["field"])
+        actual = _get(preset_config(modality, size, recipe), row["field"])
         d2v, ref = _value(row[f"{size}: d2v"]), _value(row[f"{size}: reference"])
         assert _same(actual, d2v), f"{modality} {size} {row['field']}: preset {actual!r}, table's d2v {d2v!r}"
         if ref is not None and not deliberate:

@@ -131,17 +131,19 @@ def test_ema_mixed_student_dtypes_and_odd_layouts():
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def _check_loss(pred, target, mask, beta, reduction, direct=False):
+def _check_loss(pred, target, mask, beta, reduction, direct=False, clones=1):
+    """The kernel vs the float64 reference; with clones = M, the reference sees target.repeat_interleave(M, 0)."""
     pred = pred.detach().requires_grad_(True)
     if direct:
-        loss, grad = kernels.masked_regression_loss(pred.detach(), target, mask, beta, 2.0, reduction, True)
+        loss, grad = kernels.masked_regression_loss(pred.detach(), target, mask, beta, 2.0, reduction, True, clones)
     else:
         loss = ops.masked_regression_loss(pred, target, mask, beta=beta, scale=2.0, reduction=reduction,
-                                          backend="triton")
+                                          backend="triton", clones=clones)
         loss.backward()
         grad = pred.grad
     p64 = pred.detach().double().requires_grad_(True)
-    want = reference.masked_regression_loss_reference(p64, target, mask, beta, 2.0, reduction, dtype=torch.float64)
+    repeated = target.repeat_interleave(clones, 0)
+    want = reference.masked_regression_loss_reference(p64, repeated, mask, beta, 2.0, reduction, dtype=torch.float64)
     want.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     # the kernel's own gradient is never fp16 (the autograd wrapper rounds it to pred's dtype after scaling)
@@ -187,6 +189,28 @@ def test_loss_non_contiguous_inputs():
     _check_loss(pred, target, _random_mask(6, 1, 0.5).squeeze(1), 0.0, "mean")
     _check_loss(torch.randn(2, 5, 7, device=DEVICE).transpose(0, 1), torch.randn(5, 2, 7, device=DEVICE),
                 _random_mask(5, 2), 0.25, "mean", direct=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_clones(dtype, beta, reduction):
+    """pred (B*M, *S, D) against target (B, *S, D): the kernel indexes target rows (row r -> sample r // (M * S))."""
+    target_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]  # every pred dtype meets another target dtype
+    for (B, *S, D), M in [((2, 5, 33), 3), ((1, 1, 7), 5), ((3, 1, 1), 2), ((4, 9), 3), ((2, 2, 3, 24), 2),
+                          ((2, 4, 768), 1)]:
+        pred = torch.randn(B * M, *S, D, device=DEVICE).to(dtype)
+        target = torch.randn(B, *S, D, device=DEVICE).to(target_dtype)
+        mask = (torch.rand(B * M, *S) < 0.6).to(DEVICE)
+        _check_loss(pred, target, mask, beta, reduction, clones=M)
+        _check_loss(pred, target, None, beta, reduction, direct=True, clones=M)
+
+
+def test_loss_clones_strided_and_empty_mask():
+    pred = torch.randn(5, 6, 40, device=DEVICE)[:, :, 3:36].transpose(0, 1)  # (6, 5, 33), rows 40 apart
+    target = torch.randn(33, 2, 5, device=DEVICE).permute(1, 2, 0)  # (2, 5, 33), column-major rows
+    _check_loss(pred, target, _random_mask(6, 5), 0.5, "mean", clones=3)
+    _check_loss(pred, target, torch.zeros(6, 5, dtype=torch.bool, device=DEVICE), 0.0, "mean", direct=True, clones=3)
 
 
 def test_loss_without_grad_returns_empty_grad():
@@ -271,6 +295,10 @@ def test_gpu_realistic_sizes_match_torch_backend():
     _check_ema(teacher, student, 0.9999)
     pred = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
     _check_loss(pred, torch.randn_like(pred), mask, 0.0, "mean")
+    # multi-mask at data2vec 2.0's sizes: 8 clones of 8 samples, one fp32 target per sample
+    pred = torch.randn(64, T, D, device="cuda", dtype=torch.bfloat16)
+    _check_loss(pred, torch.randn(8, T, D, device="cuda"), torch.rand(64, T, device="cuda") < 0.8, 0.0, "mean",
+                clones=8)
 
 
 @pytest.mark.cuda
@@ -285,6 +313,14 @@ def test_gpu_compiled_step_with_triton_ops():
 
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(layers, pred), step(layers, pred))
+
+    def multi_mask_step(layers, pred):  # pred (B*3, T, D) of 3 clones against one target per sample
+        y = ops.targets(layers, "layer", "layer", backend="triton")
+        return ops.masked_regression_loss(pred, y, backend="triton", clones=3)
+
+    pred3 = torch.randn(12, 9, 33, device="cuda", requires_grad=True)
+    compiled = torch.compile(multi_mask_step, fullgraph=True)
+    torch.testing.assert_close(compiled(layers, pred3), multi_mask_step(layers, pred3))
 
 
 @pytest.mark.cuda

@@ -121,9 +121,18 @@ def cases() -> dict:
     rows, block_d, warps = regression_loss._rows_config(D)
     partial = torch.empty(triton.cdiv(R, rows))
     result["loss bf16 pred"] = counts(compile_sm90(
-        regression_loss._masked_regression_loss_kernel, pred, target, mask, count, grad, partial, R, D, D, D, 0.0,
-        1.0, SMOOTH=False, HAS_MASK=True, COUNT_ON_DEVICE=True, NEED_GRAD=True, ROWS=rows, BLOCK_D=block_d,
-        num_warps=warps))
+        regression_loss._masked_regression_loss_kernel, pred, target, mask, count, grad, partial, R, D, T, T, D, D,
+        0.0, 1.0, SMOOTH=False, HAS_MASK=True, COUNT_ON_DEVICE=True, NEED_GRAD=True, CLONED=False, ROWS=rows,
+        BLOCK_D=block_d, num_warps=warps))
+    # --- the same with M = 8 clones per sample (data2vec 2.0's multi-mask): target rows (B*T, D), pred (B*M*T, D);
+    # each pred row computes its target row, and the target loads must stay 16-byte vector loads
+    M = 8
+    pred, grad = torch.empty(R * M, D, dtype=torch.bfloat16), torch.empty(R * M, D, dtype=torch.bfloat16)
+    mask, partial = torch.empty(R * M, dtype=torch.uint8), torch.empty(triton.cdiv(R * M, rows))
+    result["loss bf16 pred clones"] = counts(compile_sm90(
+        regression_loss._masked_regression_loss_kernel, pred, target, mask, count, grad, partial, R * M, D, T, T * M,
+        D, D, 0.0, 1.0, SMOOTH=False, HAS_MASK=True, COUNT_ON_DEVICE=True, NEED_GRAD=True, CLONED=True, ROWS=rows,
+        BLOCK_D=block_d, num_warps=warps))
     return result
 
 

@@ -65,13 +65,16 @@ cudaError_t ema_update(const EmaTensor* tensors, const EmaChunk* chunks, int64_t
 // `partials` workspace. The launch itself sizes its grid by the kernel's occupancy (resident blocks x SMs).
 int regression_loss_blocks(int64_t R);
 
-// Loss over rows r of pred/target (R, D) with mask[r] set (all rows when mask is null), and, when grad is not
+// Loss over rows r of pred (R, D) with mask[r] set (all rows when mask is null) against target row
+// (r / (S * clones)) * S + r % S of target (R / clones, D): pred holds `clones` copies of each sample of S rows
+// (pred (B*M, *S, D), target (B, *S, D); clones = 1: target row r). When grad is not
 // null, grad (R, D): d(loss)/d(pred), zero on unselected rows, in fp32, or bf16 when pred is bf16 (never fp16: the
 // caller scales it by the incoming gradient before rounding to pred's dtype). Forward and backward are one
 // kernel; the "mean" count is taken on the device. Workspace: partials (regression_loss_blocks(R) floats),
 // counters (2 x uint64, zeroed by the caller). Writes the fp32 scalar *loss. No host synchronization.
 cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* target, DType target_dtype,
-                            const bool* mask, int64_t R, int64_t D, float beta, float scale, bool mean, void* grad,
+                            const bool* mask, int64_t R, int64_t D, int64_t rows_per_sample, int64_t clones,
+                            float beta, float scale, bool mean, void* grad,
                             float* loss, float* partials, unsigned long long* counters, cudaStream_t stream);
 
 }  // namespace d2v::cuda

@@ -213,9 +213,8 @@ void ema_update_cuda(at::TensorList teacher, at::TensorList student, double deca
 std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor& pred_in, const at::Tensor& target_in,
                                                                const std::optional<at::Tensor>& mask_in, double beta,
                                                                double scale, const std::string& reduction,
-                                                               bool need_grad) {
-  TORCH_CHECK(pred_in.sizes() == target_in.sizes() && pred_in.dim() >= 1,
-              "d2v: pred and target must have one shape (..., D)");
+                                                               bool need_grad, int64_t clones) {
+  check_loss_shapes(pred_in, target_in, clones);
   TORCH_CHECK(reduction == "mean" || reduction == "sum", "d2v: reduction must be 'mean' or 'sum'");
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -237,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor> masked_regression_loss_cuda(const at::Tensor&
     at::Tensor counters = at::zeros({2}, pred.options().dtype(at::kLong));
     check(cuda::regression_loss(pred.data_ptr(), dtype_of(pred.scalar_type()), target.data_ptr(),
                                 dtype_of(target.scalar_type()), mask.defined() ? mask.data_ptr<bool>() : nullptr, R,
-                                D, static_cast<float>(beta), static_cast<float>(scale), reduction == "mean",
+                                D, loss_rows_per_sample(pred), clones, static_cast<float>(beta),
+                                static_cast<float>(scale), reduction == "mean",
                                 need_grad ? grad.data_ptr() : nullptr, loss.data_ptr<float>(),
                                 partials.data_ptr<float>(),
                                 reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()), stream));

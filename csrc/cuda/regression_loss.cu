@@ -1,5 +1,6 @@
 // CUDA kernels of `masked_regression_loss`: a mask count on the device, then one kernel computing the loss and
-// d(loss)/d(pred) together, whose last block to finish adds the block partials in a fixed order.
+// d(loss)/d(pred) together, whose last block to finish adds the block partials in a fixed order. With clones > 1
+// each pred row computes its target row (multi-mask: M clones of a sample share one target, never repeated).
 #include <type_traits>
 
 #include "common.cuh"
@@ -44,6 +45,7 @@ struct LossArgs {
   const void* target;
   const bool* mask;
   int64_t R, D;
+  int64_t rows_per_sample, clones;  // pred row r reads target row (r / (S * clones)) * S + r % S, S = rows_per_sample
   float beta, scale;
   bool mean;
   void* grad;  // GradType<P>
@@ -69,13 +71,14 @@ __global__ void regression_loss_kernel(const LossArgs a) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp; r < a.R;
        r += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const bool selected = a.mask == nullptr || a.mask[r];
+    const int64_t S = a.rows_per_sample, tr = a.clones == 1 ? r : (r / (S * a.clones)) * S + r % S;
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < a.D; i += kWarp * VEC) {
       const int64_t off = r * a.D + i;
       float g[VEC];
       if (selected) {
         float p[VEC], q[VEC];
         load_float<P, VEC>(pred + off, p);
-        load_float<Q, VEC>(target + off, q);
+        load_float<Q, VEC>(target + (tr * a.D + i), q);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float d = p[j] - q[j];
@@ -156,13 +159,15 @@ int regression_loss_blocks(int64_t R) {
 }
 
 cudaError_t regression_loss(const void* pred, DType pred_dtype, const void* target, DType target_dtype,
-                            const bool* mask, int64_t R, int64_t D, float beta, float scale, bool mean, void* grad,
+                            const bool* mask, int64_t R, int64_t D, int64_t rows_per_sample, int64_t clones,
+                            float beta, float scale, bool mean, void* grad,
                             float* loss, float* partials, unsigned long long* counters, cudaStream_t stream) {
   if (mask != nullptr) {
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((R + 255) / 256, 256));
     count_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(mask, R, counters);
   }
-  const LossArgs args{pred, target, mask, R, D, beta, scale, mean, grad, loss, partials, counters};
+  const LossArgs args{pred, target, mask, R, D, rows_per_sample, clones, beta, scale, mean, grad, loss, partials,
+                      counters};
   const int max_blocks = regression_loss_blocks(R);
   dispatch(pred_dtype, [&](auto p) {
     dispatch(target_dtype, [&](auto q) { launch_loss<decltype(p), decltype(q)>(args, max_blocks, stream); });

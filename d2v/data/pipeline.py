@@ -102,8 +102,9 @@ class VisionPipeline:
                                               sample_rngs(self.cfg.run.seed, 2, first, count))
         else:
             images = self.dataset.get_batch(idx)  # (B, C, H, W) in [0, 1]
-        mask = _masks(self.cfg.mask, self.grid, sample_rngs(self.cfg.run.seed, 1, first, count))
-        return Batch(inputs=images, mask=torch.from_numpy(mask))
+        clones = self.cfg.mask.clones if self.cfg.recipe == "v2" else 1
+        mask = _masks(self.cfg.mask, self.grid, sample_rngs(self.cfg.run.seed, 1, first, count), clones)
+        return make_batch(self.cfg, first, inputs=images, mask=mask)
 
     def run_files(self) -> dict[str, bytes]:
         """The list of image files, kept in the run directory so a resumed run reads the same samples."""
@@ -123,13 +124,32 @@ class VisionPipeline:
         return batch
 
 
-def _masks(mc, grid: tuple[int, int], rngs: list[np.random.Generator]) -> np.ndarray:
-    """(B, h * w) block masks, the one of sample b drawn from rngs[b]."""
-    from d2v.masking import block_masks
+def _masks(mc, grid: tuple[int, int], rngs: list[np.random.Generator], clones: int = 1) -> np.ndarray:
+    """(B * clones, h * w) masks, the `clones` of sample b drawn from rngs[b]: BEiT blocks ("block") or data2vec
+    2.0's inverse blocks ("inverse_block")."""
+    from d2v.masking import block_masks, inverse_block_masks
 
-    if mc.kind != "block":
-        raise ConfigError(f"mask kind {mc.kind!r} is not available for images; use 'block'")
-    return np.concatenate([block_masks(1, grid, mc.ratio, rng, mc.min_block, mc.aspect_min) for rng in rngs])
+    if mc.kind == "block":
+        return np.concatenate([block_masks(clones, grid, mc.ratio, rng, mc.min_block, mc.aspect_min) for rng in rngs])
+    if mc.kind == "inverse_block":
+        return np.concatenate([inverse_block_masks(clones, grid, mc.ratio, rng, mc.block_size, mc.adjust)
+                               for rng in rngs])
+    raise ConfigError(f"mask kind {mc.kind!r} is not available for images; use 'block' or 'inverse_block'")
+
+
+def make_batch(cfg: PretrainConfig, first: int, inputs: torch.Tensor, mask: np.ndarray,
+               valid: np.ndarray | None = None, **fields) -> Batch:
+    """A CPU Batch; for data2vec 2.0 also the positions each clone's student encodes, computed here (in the
+    DataLoader worker) so the device never waits on a data-dependent size. valid (B * clones, T): True at real
+    positions (None: all)."""
+    if cfg.recipe != "v2":
+        return Batch(inputs=inputs, mask=torch.from_numpy(mask), **fields)
+    from d2v.masking import kept_positions
+
+    keep, filler = kept_positions(mask, valid)
+    return Batch(inputs=inputs, mask=torch.from_numpy(mask), keep=torch.from_numpy(keep),
+                 keep_padding=None if filler is None else torch.from_numpy(filler), clones=cfg.mask.clones,
+                 first=first, **fields)
 
 
 def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], hflip: bool,

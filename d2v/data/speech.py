@@ -291,8 +291,8 @@ class SpeechPipeline:
 
         self.cfg = cfg
         m = cfg.model
-        if cfg.mask.kind != "span":
-            raise ConfigError(f"mask kind {cfg.mask.kind!r} is not available for speech; use 'span'")
+        if cfg.mask.kind not in ("span", "block_1d"):
+            raise ConfigError(f"mask kind {cfg.mask.kind!r} is not available for speech; use 'span' or 'block_1d'")
         if cfg.data.crop_seconds <= 0:
             raise ConfigError(f"data.crop_seconds must be positive, got {cfg.data.crop_seconds}")
         self.receptive_field = receptive_field(m.conv_kernel, m.conv_stride)
@@ -339,8 +339,8 @@ class SpeechPipeline:
     def micro_batch(self, first: int, count: int) -> Batch:
         """The files at global sample positions first .. first + count - 1; the crop and the span mask of each
         come from its own position's generator, so they do not depend on the rest of the micro-batch."""
-        from d2v.data.pipeline import sample_rngs
-        from d2v.masking import span_masks
+        from d2v.data.pipeline import make_batch, sample_rngs
+        from d2v.masking import block_mask_1d, span_masks
         from d2v.models.speech import conv_output_lengths
 
         m, mc = self.cfg.model, self.cfg.mask
@@ -350,9 +350,15 @@ class SpeechPipeline:
         lengths = (~pad).sum(dim=1).numpy()
         frames = conv_output_lengths(lengths, m.conv_kernel, m.conv_stride)
         num_frames = conv_output_lengths(wave.shape[1], m.conv_kernel, m.conv_stride)
-        mask = np.concatenate([span_masks(frames[b : b + 1], num_frames, rng, mc.span_prob, mc.span_length)
-                               for b, rng in enumerate(rngs)])
-        return Batch(inputs=wave, mask=torch.from_numpy(mask), padding_mask=pad if pad.any() else None)
+        clones = mc.clones if self.cfg.recipe == "v2" else 1
+        if mc.kind == "block_1d":  # data2vec 2.0: exactly int(ratio x valid frames) per clone, after cropping
+            mask = np.stack([block_mask_1d(int(frames[b]), num_frames, mc.ratio, rng, mc.span_length, mc.adjust)
+                             for b, rng in enumerate(rngs) for _ in range(clones)])
+        else:
+            mask = np.concatenate([span_masks(np.repeat(frames[b : b + 1], clones), num_frames, rng, mc.span_prob,
+                                              mc.span_length) for b, rng in enumerate(rngs)])
+        valid = np.repeat(np.arange(num_frames)[None, :] < frames[:, None], clones, axis=0)
+        return make_batch(self.cfg, first, inputs=wave, mask=mask, valid=valid, padding_mask=pad if pad.any() else None)
 
     def on_device(self, batch: Batch, first: int) -> Batch:
         return batch

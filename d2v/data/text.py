@@ -555,8 +555,9 @@ class TextPipeline:
     def __init__(self, cfg):
         self.cfg = cfg
         m, d = cfg.model, cfg.data
-        if cfg.mask.kind not in ("bert", "span"):
-            raise ConfigError(f"mask kind {cfg.mask.kind!r} is not available for text; use 'bert' or 'span'")
+        if cfg.mask.kind not in ("bert", "span", "random"):
+            raise ConfigError(f"mask kind {cfg.mask.kind!r} is not available for text; use 'bert', 'span' or "
+                              "'random'")
         if not 0 <= cfg.mask.random_token + cfg.mask.unchanged <= 1:
             raise ConfigError("mask.random_token + mask.unchanged must be between 0 and 1")
         corpus = open_corpus(d.source, d.doc_per_line, d.skip_bad_files)
@@ -590,6 +591,9 @@ class TextPipeline:
         from its own position's generator, so they do not depend on the rest of the micro-batch."""
         mc, sp = self.cfg.mask, self.special
         ids = self.blocks.blocks(self.order.indices(first, count).numpy())  # (B, T) int64
+        padding = ids == sp.pad
+        if self.cfg.recipe == "v2":
+            return self._v2_batch(ids, padding, first, count)
         maskable = ~np.isin(ids, sp.all)  # never <s>, </s>, <pad>
         span = mc.span_length if mc.kind == "span" else 1
         vocab = (sp.first_plain, self.cfg.model.vocab_size)
@@ -598,10 +602,34 @@ class TextPipeline:
             mask[b : b + 1] = token_masks(maskable[b : b + 1], mc.ratio, rng, span)
             student[b : b + 1] = bert_corrupt(ids[b : b + 1], mask[b : b + 1], rng, sp.mask, vocab, mc.random_token,
                                               mc.unchanged)
-        padding = ids == sp.pad
         return Batch(inputs=torch.from_numpy(ids), mask=torch.from_numpy(mask),
                      student_inputs=torch.from_numpy(student),
                      padding_mask=torch.from_numpy(padding) if padding.any() else None)
+
+    def _v2_batch(self, ids: np.ndarray, padding: np.ndarray, first: int, count: int) -> Batch:
+        """data2vec 2.0: `clones` masks per block ("random": exactly int(n x (1 - ratio)) of its n real tokens kept;
+        "bert" / "span": as v1, without corruption), no corrupted view: the student skips masked tokens."""
+        from d2v.data.pipeline import make_batch
+        from d2v.masking import random_mask
+
+        mc, sp = self.cfg.mask, self.special
+        clones, T = mc.clones, ids.shape[1]
+        valid = ~padding
+        maskable = ~np.isin(ids, sp.all)
+        span = mc.span_length if mc.kind == "span" else 1
+        rows = []
+        for b, rng in enumerate(sample_rngs(self.cfg.run.seed, 1, first, count)):
+            for _ in range(clones):
+                if mc.kind == "random":
+                    where = np.flatnonzero(valid[b])
+                    row = np.zeros(T, dtype=bool)
+                    row[where] = random_mask(where.size, where.size, mc.ratio, rng)
+                    rows.append(row)
+                else:
+                    rows.append(token_masks(maskable[b : b + 1], mc.ratio, rng, span)[0])
+        return make_batch(self.cfg, first, inputs=torch.from_numpy(ids), mask=np.stack(rows),
+                          valid=np.repeat(valid, clones, axis=0),
+                          padding_mask=torch.from_numpy(padding) if padding.any() else None)
 
     def on_device(self, batch: Batch, first: int) -> Batch:
         return batch

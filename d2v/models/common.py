@@ -60,3 +60,22 @@ def init_transformer_weights(module: nn.Module, std: float = 0.02, trunc: float 
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def gather_kept(x: torch.Tensor, keep: torch.Tensor, clones: int = 1) -> torch.Tensor:
+    """data2vec 2.0: the rows a student encodes. x (B, T, D) per sample; keep (B * clones, Tk) positions (filler
+    slots hold T) -> (B * clones, Tk, D), clone i of sample i // clones, without copying x per clone first."""
+    B2, T = keep.shape[0], x.shape[1]
+    if B2 != x.shape[0] * clones:
+        raise ValueError(f"keep has {B2} rows but {x.shape[0]} samples x {clones} clones were given")
+    sample = torch.arange(B2, device=x.device).div(clones, rounding_mode="floor")
+    return x[sample[:, None], keep.clamp(max=T - 1)]
+
+
+def key_mask(keep_padding: torch.Tensor | None, prefix: int = 0) -> torch.Tensor | None:
+    """(B, Tk) filler slots (True) -> (B, 1, 1, prefix + Tk) bool, True at keys that may be attended; or None."""
+    if keep_padding is None:
+        return None
+    if prefix:
+        keep_padding = torch.cat([keep_padding.new_zeros(keep_padding.shape[0], prefix), keep_padding], dim=1)
+    return ~keep_padding[:, None, None, :]

@@ -111,6 +111,18 @@ class PositionalConv(nn.Module):
         return x.transpose(1, 2)
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes: 2^(-8 / n) to the powers 1 .. n for n a power of two; otherwise those of the
+    nearest lower power of two m, then every other slope of 2m for the remaining heads."""
+    def powers(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    m = 2 ** (num_heads.bit_length() - 1)
+    slopes = powers(m) if m == num_heads else powers(m) + powers(2 * m)[0::2][: num_heads - m]
+    return torch.tensor(slopes)
+
+
 class SpeechEncoder(nn.Module):
     """Waveforms (B, S) at 16 kHz -> frame states (B, T, D), T = conv_output_lengths(S); normalizes input itself."""
 
@@ -136,6 +148,9 @@ class SpeechEncoder(nn.Module):
                         cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
+        if cfg.alibi:  # data2vec 2.0: relative positions as an attention bias; a learned scale per head (init 1)
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
+            self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads))
         # As the reference (fairseq data2vec audio / wav2vec 2.0): the Transformer blocks get BERT's init (normal
         # std 0.02, zero biases); the conv front end Kaiming normal; the feature projection and the multi-layer
         # position convs keep PyTorch's default init (the reference's std sqrt(4 / (kernel * dim)) init belongs to
@@ -154,7 +169,73 @@ class SpeechEncoder(nn.Module):
         return receptive_field(self.cfg.conv_kernel, self.cfg.conv_stride)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_emb"}
+        return {"mask_emb", "alibi_scale"}
+
+    def _attention_bias(self, positions: torch.Tensor, key_padding: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor | None:
+        """What the blocks get to restrict / bias attention: positions (B, T) of the encoded frames; key_padding
+        (B, T) True at keys not to attend. ALiBi: -|p_i - p_j| x slope x max(scale, 0) per head, (B, H, T, T)
+        floats with -inf at padded keys; else the (B, 1, 1, T) bool keep mask or None."""
+        if not self.cfg.alibi:
+            return None if key_padding is None else ~key_padding[:, None, None, :]
+        dist = (positions[:, :, None] - positions[:, None, :]).abs().to(torch.float32)  # (B, T, T)
+        slope = (self.alibi_slopes * self.alibi_scale.clamp(min=0.0)).to(torch.float32)
+        bias = -dist[:, None] * slope[None, :, None, None]
+        if key_padding is not None:
+            bias = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))
+        return bias.to(dtype)
+
+    def _front(self, wave: torch.Tensor, padding_mask: torch.Tensor | None,
+               features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(features (B, T, D), frame padding (B, T) or None, sample padding or None) of the waveforms."""
+        if wave.dim() != 2:
+            raise ValueError(f"expected waveforms (B, S), got {tuple(wave.shape)}")
+        if wave.shape[1] < self.receptive_field:
+            raise ValueError(f"waveforms need at least {self.receptive_field} samples, got {wave.shape[1]}")
+        if padding_mask is not None and not padding_mask.any():
+            padding_mask = None
+        if features is None:
+            x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
+            features = self.feature_projection(x)  # (B, T, D)
+        pad = None if padding_mask is None else frame_padding_mask(padding_mask, features.shape[1], self.cfg)
+        return features, pad, padding_mask
+
+    def _blocks(self, x: torch.Tensor, bias, output_layers: str | None, top_k: int) -> tuple[torch.Tensor, list]:
+        first = len(self.blocks) - top_k
+        layers = []
+        for i, block in enumerate(self.blocks):
+            # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
+            if (self.training and output_layers is None and self.cfg.layerdrop > 0
+                    and torch.rand(()) < self.cfg.layerdrop):
+                continue
+            x, ffn = block(x, bias)
+            if output_layers is not None and i >= first:
+                layers.append(x if output_layers == "block" else ffn)
+        return x, layers
+
+    def encode_kept(self, wave: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+                    keep_padding: torch.Tensor | None = None, clones: int = 1,
+                    padding_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """The data2vec 2.0 student: the conv front end runs once per waveform; each clone's masked frames (mask
+        (B * clones, T)) are zeroed for the position convs, whose output is added; then only the kept frames keep
+        (B * clones, Tk) are encoded -> hidden (B * clones, Tk, D). features: the front end's output (B, T, D)."""
+        from d2v.models.common import gather_kept
+
+        features, pad, _ = self._front(wave, padding_mask, None)
+        B2, T = mask.shape
+        if B2 != features.shape[0] * clones or T != features.shape[1]:
+            raise ValueError(f"mask must be (B x clones, T) = {(features.shape[0] * clones, features.shape[1])}, "
+                             f"got {tuple(mask.shape)}")
+        sample = torch.arange(B2, device=mask.device).div(clones, rounding_mode="floor")
+        x = features[sample]  # (B * clones, T, D): each clone's own position-conv input
+        hidden = mask if pad is None else mask | pad[sample]
+        x = x.masked_fill(hidden.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x)
+        x = gather_kept(x, keep, 1)
+        x = self.dropout(self.norm(x))
+        positions = keep.clamp(max=T - 1)
+        x, _ = self._blocks(x, self._attention_bias(positions, keep_padding, x.dtype), None, 0)
+        return EncoderOutput(hidden=x, num_prefix=0, padding_mask=pad, features=features)
 
     def encode(
         self,
@@ -169,41 +250,20 @@ class SpeechEncoder(nn.Module):
         padding_mask (B, S) bool, True at padded samples. output_layers: None, "block" or "ffn"; top_k: how many.
         features: the front end's output for this `wave` from an encoder with the same front-end weights (the
         student's, for a teacher that shares them): used instead of running the conv front end again."""
-        if wave.dim() != 2:
-            raise ValueError(f"expected waveforms (B, S), got {tuple(wave.shape)}")
-        if wave.shape[1] < self.receptive_field:
-            raise ValueError(f"waveforms need at least {self.receptive_field} samples, got {wave.shape[1]}")
-        if padding_mask is not None and not padding_mask.any():
-            padding_mask = None
-        if features is None:
-            x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
-            x = self.feature_projection(x)  # (B, T, D)
-        else:
-            x = features
+        x, pad, _ = self._front(wave, padding_mask, features)
         local = x
         T = x.shape[1]
-        pad = None if padding_mask is None else frame_padding_mask(padding_mask, T, self.cfg)  # (B, T)
         if mask is not None:
             if mask.shape != (x.shape[0], T):
                 raise ValueError(f"mask must be (B, T) = {(x.shape[0], T)}, got {tuple(mask.shape)}")
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
-        keep = None
         if pad is not None:
             # Padded frames enter the position convs as zeros, as in fairseq and transformers (which do not
             # re-zero them between conv layers, so with depth > 1 the tail reaches the last valid frames).
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
-            keep = (~pad)[:, None, None, :]
         x = self.dropout(self.norm(x + self.pos_conv(x)))
-        first = len(self.blocks) - top_k
-        layers = []
-        for i, block in enumerate(self.blocks):
-            # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
-            if (self.training and output_layers is None and self.cfg.layerdrop > 0
-                    and torch.rand(()) < self.cfg.layerdrop):
-                continue
-            x, ffn = block(x, keep)
-            if output_layers is not None and i >= first:
-                layers.append(x if output_layers == "block" else ffn)
+        positions = torch.arange(T, device=x.device).expand(x.shape[0], T)
+        x, layers = self._blocks(x, self._attention_bias(positions, pad, x.dtype), output_layers, top_k)
         return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=pad, features=local)
 
     def forward(self, wave: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -83,6 +83,23 @@ class TextEncoder(nn.Module):
                 layers.append(x if output_layers == "block" else ffn)
         return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=padding_mask)
 
+    def encode_kept(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+                    keep_padding: torch.Tensor | None = None, clones: int = 1,
+                    padding_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """The data2vec 2.0 student: ids (B, T) embedded once (tokens + their positions), then only the kept positions
+        keep (B * clones, Tk) of each clone are encoded -> hidden (B * clones, Tk, D)."""
+        from d2v.models.common import gather_kept, key_mask
+
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected token ids (B, T) int64, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.shape[1] > self.cfg.max_length:
+            raise ValueError(f"sequences of {ids.shape[1]} tokens exceed the model's max length {self.cfg.max_length}")
+        x = gather_kept(self.embeddings(ids), keep, clones)
+        keep_mask = key_mask(keep_padding)
+        for block in self.blocks:
+            x, _ = block(x, keep_mask)
+        return EncoderOutput(hidden=x, num_prefix=0)
+
     def _ids(self, x) -> torch.Tensor:
         """Token ids (B, T) on the encoder's device from strings (tokenized here) or an id tensor."""
         if isinstance(x, str):

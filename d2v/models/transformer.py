@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2v.models.common import DropPath
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float):
@@ -16,7 +18,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D); keep (B, 1, 1, T) bool, True at keys that may be attended, or None."""
+        """x (B, T, D); keep: (B, 1, 1, T) bool, True at keys that may be attended; or an additive float bias
+        broadcastable to (B, H, T, T) (ALiBi, with -inf at keys not to attend); or None."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
@@ -28,7 +31,7 @@ class PostLNBlock(nn.Module):
     """x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(act_drop(gelu(fc1(x)))))). Returns (x, FFN output fc2)."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
-                 ln_eps: float, activation_dropout: float = 0.0):
+                 ln_eps: float, activation_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.attn = Attention(dim, num_heads, attention_dropout)
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
@@ -37,8 +40,9 @@ class PostLNBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.dropout = nn.Dropout(dropout)
         self.act_dropout = nn.Dropout(activation_dropout)
+        self.drop_path = DropPath(drop_path)  # data2vec 2.0 images: stochastic depth on both residual branches
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + self.dropout(self.attn(x, keep)))
+        x = self.norm1(x + self.drop_path(self.dropout(self.attn(x, keep))))
         ffn = self.fc2(self.act_dropout(F.gelu(self.fc1(x))))  # the data2vec target: before dropout and residual
-        return self.norm2(x + self.dropout(ffn)), ffn
+        return self.norm2(x + self.drop_path(self.dropout(ffn))), ffn

@@ -116,6 +116,7 @@ class VisionEncoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> hidden states (B, 1 + N, D); normalizes pixels itself."""
 
     num_prefix = 1
+    norm_on_top = True  # `norm` follows the blocks (pre-LN); fine-tuning's layer decay treats it as the top
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
@@ -189,6 +190,117 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, 1 + N, D), CLS first, as Hugging Face's Data2VecVisionModel returns them."""
+        return self.encode(images).hidden
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled patch representation (B, D)."""
+        return self.encode(images).hidden[:, 1:].mean(dim=1)
+
+
+def sincos_positions(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings (h * w, dim): half the features encode the row, half the column,
+    each as sin and cos of the coordinate times frequencies 1 / 10000^(i / (dim / 4))."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need dim divisible by 4, got {dim}")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angle = coord[:, None] * freq[None, :]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1).float()
+
+
+class VisionEncoderV2(nn.Module):
+    """data2vec 2.0's image encoder: patch conv + fixed 2-D sin-cos positions, CLS token, LayerNorm, post-LN blocks
+    (the first model.prenet_depth of them a pre-net). Images (B, C, H, W) in [0, 1] -> (B, 1 + N, D).
+
+    encode() runs on whole images (the teacher, probes, export); encode_kept() on the kept patches of each clone
+    (the data2vec 2.0 student)."""
+
+    num_prefix = 1
+
+    def __init__(self, cfg: VisionModelConfig):
+        super().__init__()
+        from d2v.models.transformer import PostLNBlock
+
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.grid = (cfg.image_size // cfg.patch_size,) * 2
+        self.num_patches = self.grid[0] * self.grid[1]
+        mean, std = cfg.pixel_mean or [0.5] * cfg.in_chans, cfg.pixel_std or [0.5] * cfg.in_chans
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        self.register_buffer("pos_embed", sincos_positions(self.grid, cfg.dim)[None], persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            PostLNBlock(cfg.dim, cfg.num_heads, int(cfg.dim * cfg.mlp_ratio), 0.0, cfg.attention_dropout, cfg.ln_eps,
+                        drop_path=rate)
+            for rate in rates
+        )
+        self.apply(init_transformer_weights)  # BERT's init, N(0, 0.02)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(cfg.dim, -1))
+        nn.init.normal_(self.cls_token)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+    def init_weights(self, module: nn.Module) -> None:
+        init_transformer_weights(module)
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1:] != (self.cfg.in_chans, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(
+                f"expected images (B, {self.cfg.in_chans}, {self.cfg.image_size}, {self.cfg.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = (as_unit_images(images) - self.pixel_mean) / self.pixel_std
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        return x + self.pos_embed.to(x.dtype)
+
+    def _blocks(self, x: torch.Tensor, keep: torch.Tensor | None, output_layers: str | None,
+                top_k: int) -> EncoderOutput:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.norm(x)
+        first = len(self.blocks) - top_k
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, ffn = block(x, keep)
+            if output_layers is not None and i >= first:
+                layers.append(x if output_layers == "block" else ffn)
+        return EncoderOutput(hidden=x, layers=layers, num_prefix=1)
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+               padding_mask: torch.Tensor | None = None, output_layers: str | None = None,
+               top_k: int = 0) -> EncoderOutput:
+        """Whole images; output_layers None, "block" or "ffn" (data2vec 2.0's targets); top_k: how many top blocks."""
+        if mask is not None:
+            raise ValueError("a data2vec 2.0 encoder has no mask token: use encode_kept for the masked view")
+        return self._blocks(self._patches(images), None, output_layers, top_k)
+
+    def encode_kept(self, images: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+                    keep_padding: torch.Tensor | None = None, clones: int = 1,
+                    padding_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """The data2vec 2.0 student: images (B, ...), keep (B * clones, Tk) kept patch positions of each clone ->
+        hidden (B * clones, 1 + Tk, D), CLS first."""
+        from d2v.models.common import gather_kept, key_mask
+
+        x = gather_kept(self._patches(images), keep, clones)
+        return self._blocks(x, key_mask(keep_padding, prefix=1), None, 0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, 1 + N, D), CLS first."""
         return self.encode(images).hidden
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

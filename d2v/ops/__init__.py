@@ -2,12 +2,14 @@
 
     targets(layers, ...)                  top-K layer outputs -> normalized, averaged regression targets
     ema_update_(teacher, student, decay)  the EMA teacher update, in place
-    masked_regression_loss(pred, target)  Smooth-L1 / L2 over masked rows, with a fused backward
+    masked_regression_loss(pred, target)  Smooth-L1 / L2 over masked rows, with a fused backward; clones=M
+                                          pairs M student clones per sample with one target
 
 Each is a registered torch custom op (namespace `d2v`) so torch.compile does not graph-break on it.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -142,14 +144,16 @@ def _loss_op(
     reduction: str,
     need_grad: bool,
     backend: str,
+    clones: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _impl(backend, pred.device)
-    return impl.masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad)
+    return impl.masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones)
 
 
 @_loss_op.register_fake
-def _(pred, target, mask, beta, scale, reduction, need_grad, backend):
-    # Every backend returns the gradient contiguous, in grad_dtype(pred.dtype), whatever pred's layout.
+def _(pred, target, mask, beta, scale, reduction, need_grad, backend, clones=1):
+    # Every backend returns the gradient contiguous, in grad_dtype(pred.dtype), whatever pred's layout; with
+    # clones > 1 it is still pred's shape (B*M, ..., D), never target's.
     grad = pred.new_empty(pred.shape, dtype=grad_dtype(pred.dtype)) if need_grad else pred.new_empty(0)
     return pred.new_empty((), dtype=torch.float32), grad
 
@@ -166,10 +170,22 @@ def _loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad_pred,) = ctx.saved_tensors
     out = torch.empty(grad_pred.shape, dtype=ctx.pred_dtype, device=grad_pred.device)
     torch.mul(grad_pred, grad_loss.to(torch.float32), out=out)
-    return out, None, None, None, None, None, None, None
+    return out, None, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def _check_loss_shapes(pred: torch.Tensor, target: torch.Tensor, clones: int) -> None:
+    """pred (clones * B, *S, D) against target (B, *S, D), or one ValueError naming both shapes."""
+    if isinstance(clones, bool) or not isinstance(clones, (numbers.Integral, torch.SymInt)) or clones < 1:
+        raise ValueError(f"clones must be an integer >= 1, got {clones!r}")
+    p, t = tuple(pred.shape), tuple(target.shape)
+    if (pred.dim() < 2 or pred.dim() != target.dim() or p[1:] != t[1:] or p[0] != clones * t[0]):
+        if clones == 1:
+            raise ValueError(f"pred and target must have one shape (..., D); got {p} and {t}")
+        raise ValueError(f"with clones={clones}, pred must have shape ({clones} * B, ..., D) for target (B, ..., D); "
+                         f"got pred {p} and target {t}")
 
 
 def masked_regression_loss(
@@ -180,15 +196,17 @@ def masked_regression_loss(
     scale: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
+    clones: int = 1,
 ) -> torch.Tensor:
     """Regression loss of pred on target over selected rows; fp32 scalar, differentiable w.r.t. pred.
 
     pred, target: (N, D) or (B, T, D); mask: optional bool of pred.shape[:-1] choosing rows.
     Per element d**2 (beta == 0) or smooth-L1 with `beta`; summed over D; times `scale`; then "mean" over
     selected rows or "sum". An empty selection gives 0 and a zero gradient. No host synchronization.
+    clones = M (multi-mask): pred is (B*M, ..., D) and target (B, ..., D); pred sample i is compared with target
+    sample i // M, as if target were target.repeat_interleave(M, 0), without that copy ever being made.
     """
-    if pred.shape != target.shape or pred.dim() < 2:
-        raise ValueError(f"pred and target must have one shape (..., D); got {tuple(pred.shape)} and {tuple(target.shape)}")
+    _check_loss_shapes(pred, target, clones)
     if mask is not None and (mask.dtype != torch.bool or mask.shape != pred.shape[:-1]):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(pred.shape[:-1])}")
     if reduction not in ("mean", "sum"):
@@ -197,5 +215,6 @@ def masked_regression_loss(
         raise ValueError(f"beta must be >= 0, got {beta}")
     _same_device(pred.device, "masked_regression_loss", [("target", target), ("mask", mask)])
     need_grad = pred.requires_grad and torch.is_grad_enabled()
-    loss, _ = _loss_op(pred, target.detach(), mask, float(beta), float(scale), reduction, need_grad, backend)
+    loss, _ = _loss_op(pred, target.detach(), mask, float(beta), float(scale), reduction, need_grad, backend,
+                       int(clones))
     return loss

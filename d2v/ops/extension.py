@@ -53,9 +53,12 @@ def ema_update_(teacher, student, decay):
     torch.ops.d2v_ext.ema_update_(list(teacher), [_supported(s) for s in student], decay)
 
 
-def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
-    """(loss fp32 0-dim, grad_pred contiguous in fp32, bf16 for bf16 pred, or empty); see d2v.ops.grad_dtype."""
-    return torch.ops.d2v_ext.masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad)
+def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones=1):
+    """(loss fp32 0-dim, grad_pred contiguous in fp32, bf16 for bf16 pred, or empty); see d2v.ops.grad_dtype.
+
+    clones = M: pred (B*M, ..., D) against target (B, ..., D); the kernels index target rows, never repeat them.
+    """
+    return torch.ops.d2v_ext.masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones)
 
 
 # ---------------------------------------------------------------------------------------------- fake kernels
@@ -75,7 +78,7 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("d2v_ext::masked_regression_loss")
-    def _(pred, target, mask, beta, scale, reduction, need_grad):
+    def _(pred, target, mask, beta, scale, reduction, need_grad, clones=1):
         dtype = torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32
         grad = pred.new_empty(pred.shape, dtype=dtype) if need_grad else pred.new_empty(0)
         return pred.new_empty((), dtype=torch.float32), grad

@@ -68,12 +68,18 @@ def masked_regression_loss_reference(
     scale: float = 1.0,
     reduction: str = "mean",
     dtype: torch.dtype = torch.float32,
+    clones: int = 1,
 ) -> torch.Tensor:
-    """Per element d**2 (beta == 0) or smooth-L1(beta); summed over D; times scale; mean or sum over selected rows."""
+    """Per element d**2 (beta == 0) or smooth-L1(beta); summed over D; times scale; mean or sum over selected rows.
+
+    pred (B*M, ..., D) with M = clones: pred sample i is compared with target sample i // M of target (B, ..., D),
+    through a broadcast view (B, M, ..., D) - (B, 1, ..., D); mask has pred.shape[:-1].
+    """
     pred, target = pred.to(dtype), target.to(dtype)
+    B = target.shape[0]
+    d = pred.unflatten(0, (B, clones)) - target.unsqueeze(1)  # (B, M, ..., D)
     if mask is not None:
-        pred, target = pred[mask.bool()], target[mask.bool()]
-    d = pred - target
+        d = d[mask.bool().unflatten(0, (B, clones))]  # (N, D)
     if beta == 0:
         per_elem = d * d
     else:

@@ -4,8 +4,10 @@ Every backend module (this one, d2v.kernels, d2v.ops.extension) exposes the same
 
     targets(layers, norm, final_norm, mask, padding_mask, eps) -> fp32 (B, T, D) or (N, D)
     ema_update_(teacher, student, decay) -> None
-    masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad) -> (loss, grad_pred)
+    masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones=1) -> (loss, grad_pred)
 
+With clones = M, pred is (B*M, ..., D) against target (B, ..., D): pred sample i pairs with target sample
+i // M, and no backend copies target M times (kernels compute the target row from the pred row).
 `grad_pred` is d(loss)/d(pred), contiguous, of pred's shape, in d2v.ops.grad_dtype(pred.dtype): fp32, or bf16
 for bf16 pred (an empty tensor when need_grad is False). The autograd wrapper in d2v.ops scales it by the
 incoming gradient in fp32, then rounds to pred's dtype (a gradient stored in fp16 before that scaling would
@@ -62,7 +64,12 @@ def ema_update_(teacher, student, decay):
         torch._foreach_lerp_(ts, ss, 1.0 - decay)
 
 
-def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad):
+def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones=1):
+    shape = pred.shape
+    if clones > 1:  # broadcast views (B, M, ..., D) - (B, 1, ..., D): target is read, never repeated
+        B = target.shape[0]
+        pred, target = pred.unflatten(0, (B, clones)), target.unsqueeze(1)
+        mask = mask.unflatten(0, (B, clones)) if mask is not None else None
     d = pred.float() - target.float()  # (..., D)
     if beta == 0:
         per_elem = d * d
@@ -86,4 +93,4 @@ def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad
     g = g * factor
     if w is not None:
         g = g * w.unsqueeze(-1)
-    return loss, g.to(torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32).contiguous()
+    return loss, g.to(torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32).reshape(shape).contiguous()

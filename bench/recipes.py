@@ -1,0 +1,114 @@
+"""Speed to quality of the two recipes: `d2v pretrain --recipe v1` and `--recipe v2` run as a user runs them
+(alternating when repeated), each saving checkpoints along the way; every checkpoint is exported and
+linear-probed, and its wall time is the checkpoint's completion time since the process was launched (start-up,
+data loading and checkpoint writing included, as a user waits for them).
+
+Summary figures: the v1 run's final probe accuracy A and wall time W; the wall time at which v2 first reaches A
+(and W divided by it); v2's best accuracy within W."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _pretrain(recipe: str, modality: str, args: list[str], out: Path, checkpoints: int, steps: int | None,
+              threads: int | None) -> tuple[float, float]:
+    """Run one pretraining; (launch time, wall seconds)."""
+    cmd = [sys.executable, "-m", "d2v", "pretrain", "--modality", modality, "--recipe", recipe, "--out", str(out),
+           "--no-progress", *args]
+    if steps:
+        cmd += ["--steps", str(steps)]
+    from d2v.presets import preset_config
+
+    total = steps or preset_config(modality, None, recipe).run.steps
+    cmd += ["--checkpoint-every", str(max(1, total // checkpoints)), "--set", "run.keep_checkpoints=0"]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{recipe} run failed (exit {proc.returncode}): " + " | ".join(tail))
+    return t0, wall
+
+
+def _probe_checkpoints(run: Path, t0: float, probe_data: str, max_train: int, holdout: list[str] | None,
+                       work: Path) -> list[dict]:
+    from d2v.checkpoint import list_checkpoints
+    from d2v.export import export_checkpoint
+    from d2v.probe import probe_path
+
+    rows = []
+    for ck in list_checkpoints(run):
+        done = (ck / "manifest.json").stat().st_mtime - t0
+        enc = work / f"enc-{run.name}-{ck.name}"
+        export_checkpoint(ck, enc, hf=False)
+        result = probe_path(enc, probe_data, max_train=max_train, holdout=holdout)
+        rows.append({"step": int(ck.name.split("_")[-1]), "wall_s": round(done, 1), "accuracy": result.accuracy})
+    return rows
+
+
+def _samples_per_s(run: Path) -> float:
+    import statistics
+
+    rates = [json.loads(x)["samples_per_s"] for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return statistics.median(rates[2:] or rates)
+
+
+def summarize(v1: dict, v2: dict) -> dict:
+    """The comparison figures from one v1 and one v2 record (rows of step, wall_s, accuracy)."""
+    final = v1["rows"][-1]
+    target, w1 = final["accuracy"], final["wall_s"]
+    reach = next((r for r in v2["rows"] if r["accuracy"] >= target), None)
+    within = [r["accuracy"] for r in v2["rows"] if r["wall_s"] <= w1]
+    return {
+        "v1_accuracy": target, "v1_wall_s": w1,
+        "v2_wall_s_to_v1_accuracy": reach["wall_s"] if reach else None,
+        "time_ratio": (w1 / reach["wall_s"]) if reach else None,
+        "v2_best_accuracy_within_v1_wall": max(within) if within else None,
+        "v2_final_accuracy": v2["rows"][-1]["accuracy"], "v2_wall_s": v2["rows"][-1]["wall_s"],
+        "v1_random_init": v1.get("random_init"), "v2_random_init": v2.get("random_init"),
+    }
+
+
+def run(modality: str, probe_data: str, data: str | None = None, checkpoints: int = 5,
+        v1_steps: int | None = None, v2_steps: int | None = None, max_train: int = 0,
+        holdout: list[str] | None = None, repeats: int = 1, threads: int | None = None, extra: list[str] = (),
+        on_row=None) -> dict:
+    """Alternate v1 and v2 runs `repeats` times; probe their checkpoints; a dict of records and summaries."""
+    from d2v.probe import probe_path
+
+    args = [*(["--data", data] if data else []), *extra]
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for rep in range(repeats):
+            for recipe, steps in (("v1", v1_steps), ("v2", v2_steps)):
+                out = work / f"{recipe}-{rep}"
+                t0, wall = _pretrain(recipe, modality, args, out, checkpoints, steps, threads)
+                rows = _probe_checkpoints(out, t0, probe_data, max_train, holdout, work)
+                record = {"recipe": recipe, "repeat": rep, "wall_s": round(wall, 1), "rows": rows,
+                          "samples_per_s": _samples_per_s(out)}
+                if rep == 0:  # the untrained architecture of this recipe, probed the same way
+                    record["random_init"] = probe_path(work / f"enc-{out.name}-{_last(out)}", probe_data,
+                                                       random_init=True, max_train=max_train,
+                                                       holdout=holdout).accuracy
+                records.append(record)
+                if on_row:
+                    on_row(record)
+    summaries = [summarize(records[2 * r], records[2 * r + 1]) for r in range(repeats)]
+    return {"modality": modality, "probe_data": probe_data, "data": data, "records": records,
+            "summaries": summaries}
+
+
+def _last(run: Path) -> str:
+    from d2v.checkpoint import list_checkpoints
+
+    return list_checkpoints(run)[-1].name
