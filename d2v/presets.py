@@ -361,11 +361,6 @@ _V2_SPEECH = {
 }
 _V2_SPEECH_CPU = {
     **_V2_SPEECH,
-    # Held-out-voice spoken-digits probe of the tiny student after 200 steps (one run each, shared machine):
-    # instance-norm targets 47.9% (400 steps: 44.6%), below the untrained encoder's 60.4%; per-layer LayerNorm
-    # targets 65.0%. Instance norm zeroes each utterance's mean over time, which mean pooling then lacks (the v1
-    # tiny preset meets the same with its linear head).
-    "targets.norm": "layer",
     "data.crop_seconds": 1.5,
     "data.min_seconds": 0.0,
     "model.pos_conv_depth": 2,
