@@ -183,6 +183,7 @@ class DataConfig:
     vocab_size: int = 8192  # text: byte-level BPE vocabulary trained on the corpus
     tokenizer: str = ""  # text: a tokenizer.json to use instead of training one (e.g. RoBERTa's BPE)
     doc_per_line: bool = False  # text: one document per line (else one per file)
+    sample_break: str = "none"  # text: "none" packs documents across blocks; "complete_doc": blocks of one document
     crop_seconds: float = 20.0  # speech: random crops of at most this long (data2vec: 320k samples)
     min_seconds: float = 0.0  # speech: files shorter are refused, or skipped with skip_bad_files (data2vec: 32k
     # samples = 2 s, skipped); 0: only what the encoder's receptive field needs

@@ -265,8 +265,13 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
                 g["lr"] = lr * g["lr_scale"]
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
             idx = _order(len(train), cfg.seed, step * B, min(B, len(train)))
-            inputs = _inputs(train, idx, device)
-            if images and tuple(cfg.crop_scale) != (1.0, 1.0):
+            crop = images and tuple(cfg.crop_scale) != (1.0, 1.0)
+            if crop and hasattr(train, "train_batch"):  # image files: crop the original, then resize
+                rngs = [np.random.default_rng([cfg.seed, 11, step, i]) for i in range(len(idx))]
+                inputs = (train.train_batch(idx, tuple(cfg.crop_scale), False, rngs).to(device).float() / 255.0,)
+            else:
+                inputs = _inputs(train, idx, device)
+            if crop and not hasattr(train, "train_batch"):  # arrays: they are held at the encoder's size
                 from d2v.models.vision import as_unit_images
 
                 rng = np.random.default_rng([cfg.seed, 11, step])

@@ -110,6 +110,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "crop_seconds": (lambda v: _finite(v) and 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"),
         "min_seconds": (lambda v: _finite(v) and 0 <= v <= 3600, "a number of seconds from 0 to 3600"),
         "num_workers": (lambda v: -1 <= v <= 256, "-1 (automatic) or an integer from 0 to 256"),
+        "sample_break": (lambda v: v in ("complete_doc", "none"), "'complete_doc' or 'none'"),
         "tokenizer": (lambda v: v == "" or os.path.isfile(os.path.expanduser(v)), "empty or an existing tokenizer.json"),
     },
     "run": {

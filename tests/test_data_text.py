@@ -51,7 +51,8 @@ def test_tokens_are_cached_by_corpus_and_match_packing(tmp_path, monkeypatch):
     pipe = textdata.TextPipeline(cfg)
     assert pipe.blocks.path.exists() and pipe.blocks.dtype == np.uint16  # vocab 300: two bytes a token
     corpus = textdata.read_corpus(str(root))
-    want = textdata.pack(pipe.tokenizer, corpus.docs, 32).numpy()
+    assert cfg.data.sample_break == "complete_doc"  # the text presets' default, as the reference
+    want = textdata.pack(pipe.tokenizer, corpus.docs, 32, "complete_doc").numpy()
     assert np.array_equal(pipe.blocks.blocks(np.arange(len(pipe.blocks))), want)
 
     def no_tokenizing(*a, **k):
@@ -65,6 +66,29 @@ def test_tokens_are_cached_by_corpus_and_match_packing(tmp_path, monkeypatch):
     (root / "part00000.txt").write_text("changed text\n")  # a changed corpus is a new cache entry
     with pytest.raises(AssertionError, match="tokenized again"):
         textdata.TextPipeline(text_config(**{"data.source": str(root)}))
+
+
+def test_complete_doc_blocks_come_from_the_cached_document_index(tmp_path, monkeypatch):
+    monkeypatch.setattr(textdata, "PIECE_BYTES", 256)  # the long document is tokenized in several pieces
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "a.txt").write_text("".join(f"line {i} of a long document about {WORDS[i % 20]}\n" for i in range(60)))
+    (root / "b.txt").write_text("a short one")
+    (root / "c.txt").write_text("river stone harbour lantern meadow")
+    cfg = text_config(**{"data.source": str(root), "data.sample_break": "complete_doc"})
+    pipe = textdata.TextPipeline(cfg)
+    docs_file = pipe.blocks.path.with_name(pipe.blocks.path.name + ".docs.int64")
+    assert np.fromfile(docs_file, dtype=np.int64).size == 3  # one <s> per document, not per piece
+    texts = [(root / n).read_text() for n in ("a.txt", "b.txt", "c.txt")]  # pieces are cut after newlines
+    want = textdata.pack(pipe.tokenizer, texts, 32, "complete_doc").numpy()
+    assert np.array_equal(pipe.blocks.blocks(np.arange(len(pipe.blocks))), want)
+    batch = micro(pipe, 0)
+    assert (batch.inputs[:, 0] == textdata.BOS_ID).all() and not batch.mask[:, 0].any()
+    packed = textdata.TextPipeline(text_config(**{"data.source": str(root), "data.sample_break": "none"}))
+    assert packed.blocks.path == pipe.blocks.path and len(packed.blocks) < len(pipe.blocks)  # one token file
+    docs_file.unlink()  # a token file cached before the document index is rebuilt with it
+    again = textdata.TextPipeline(text_config(**{"data.source": str(root), "data.sample_break": "complete_doc"}))
+    assert docs_file.exists() and np.array_equal(again.blocks.blocks(np.arange(len(again.blocks))), want)
 
 
 def test_large_document_is_streamed_in_pieces(tmp_path, monkeypatch):

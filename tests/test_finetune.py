@@ -90,3 +90,29 @@ def test_finetune_cli_random_init_and_errors(encoder_dir, tmp_path):
     assert bad.exit_code == 2 and "--lr" in bad.output and not (tmp_path / "x").exists()
     none = runner.invoke(app, ["finetune", str(tmp_path / "missing"), "--out", str(tmp_path / "y")])
     assert none.exit_code == 2 and "no config.json" in none.output
+
+
+def test_image_folder_crops_come_from_the_original_files(encoder_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from d2v.data import vision
+
+    enc_size = json.loads((encoder_dir / "config.json").read_text())["model"]["image_size"]
+    big = 4 * enc_size
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            arr = (np.random.default_rng(10 * c + i).random((big, big)) * 255).astype(np.uint8)
+            Image.fromarray(arr, mode="L").save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    sizes = []
+
+    def spy(w, h, scale, rng):
+        sizes.append((w, h))
+        return real(w, h, scale, rng)
+
+    real = vision.random_resized_box
+    monkeypatch.setattr(vision, "random_resized_box", spy)
+    finetune(FinetuneConfig(encoder=str(encoder_dir), data=str(tmp_path / "imgs"), steps=2, batch_size=4,
+                            crop_scale=(0.5, 1.0)), tmp_path / "r", progress=False)
+    assert len(sizes) == 2 * 4 and set(sizes) == {(big, big)}  # boxes drawn on the original, not the resized view

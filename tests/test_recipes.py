@@ -34,6 +34,8 @@ def _rows():
             words = line[3:].split()
             recipe, modality = (words[0], words[1]) if words[0] == "v2" else ("v1", " ".join(words))
             continue
+        if modality not in ("vision", "speech", "text"):  # other sections' tables are not fidelity rows
+            continue
         if not line.startswith("| ") or line.startswith("| field") or line.startswith("|---"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

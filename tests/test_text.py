@@ -97,6 +97,24 @@ def test_packing_concatenates_documents_into_blocks():
     assert flat[: len(want)] == want and set(flat[len(want):]) <= {textdata.PAD_ID}
 
 
+def test_complete_doc_blocks_never_cross_documents_and_start_with_bos():
+    tok = textdata.train_tokenizer(DOCS * 20, 300)
+    docs = DOCS + ["x", DOCS[0] * 3]  # a one-character document and one longer than several blocks
+    blocks = textdata.pack(tok, docs, 8, "complete_doc").numpy()
+    assert (blocks[:, 0] == textdata.BOS_ID).all() and not (blocks[:, 1:] == textdata.BOS_ID).any()
+    got, doc = [], []
+    for row in blocks:  # each document's blocks, in order, hold exactly its tokens after <s>, then padding only
+        real = row[1:][row[1:] != textdata.PAD_ID].tolist()
+        assert row[1:].tolist() == real + [textdata.PAD_ID] * (7 - len(real))
+        doc += real
+        if real and real[-1] == textdata.EOS_ID:
+            got.append(doc)
+            doc = []
+    assert doc == [] and got == [tok.encode(d).ids[1:] for d in docs]
+    per_doc = [-(-(len(tok.encode(d).ids) - 1) // 7) for d in docs]
+    assert len(blocks) == sum(per_doc)  # no block holds the tail of one document and the head of the next
+
+
 def test_pipeline_is_deterministic_and_teacher_sees_full_input():
     cfg = text_config()
     a, b = textdata.TextPipeline(cfg), textdata.TextPipeline(text_config())
@@ -300,6 +318,7 @@ def test_cli_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(textdata, "FORTUNE_DIRS", [tmp_path / "absent"])
     _fails_with(cli("pretrain", "--modality", "text", "--data", "fortunes", "--dry-run"), "apt-get install fortunes")
     _fails_with(cli("pretrain", "--modality", "text", "--set", "mask.kind=block", "--dry-run"), "not available for text")
+    _fails_with(cli("pretrain", "--modality", "text", "--set", "data.sample_break=eos", "--dry-run"), "complete_doc")
     (bad / "good.txt").write_text("a good line\nand another\n")
     result = cli("pretrain", "--modality", "text", "--data", bad, "--skip-bad-files", "--doc-per-line",
                  "--vocab-size", "300", "--dry-run")

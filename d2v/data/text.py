@@ -324,18 +324,23 @@ def tokenize(tok, texts: list[str], max_length: int) -> tuple[torch.Tensor, torc
     return ids, ids.ne(sp.pad).long()
 
 
-def token_chunks(tok, pieces, batch_bytes: int = 256 << 10):
-    """int64 id arrays for a stream of (text, starts_document, ends_document): <s> document </s>, in order."""
+def token_chunks(tok, pieces, batch_bytes: int = 256 << 10, starts: bool = False):
+    """int64 id arrays for a stream of (text, starts_document, ends_document): <s> document </s>, in order.
+    With starts=True, (ids, offsets within ids where a document's <s> is) pairs."""
     sp = special_ids(tok)
     encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # ids without offsets: less memory
     batch, size = [], 0
 
     def encode(batch):
-        out = []
+        out, first_at, at = [], [], 0
         encodings = encode_batch([b[0] for b in batch], add_special_tokens=False)
         for (text, first, last), enc in zip(batch, encodings):
+            if first:
+                first_at.append(at)
             out.append(np.asarray(([sp.bos] if first else []) + enc.ids + ([sp.eos] if last else []), dtype=np.int64))
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+            at += out[-1].size
+        ids = np.concatenate(out) if out else np.zeros(0, np.int64)
+        return (ids, np.asarray(first_at, dtype=np.int64)) if starts else ids
 
     for item in pieces:
         batch.append(item)
@@ -347,11 +352,16 @@ def token_chunks(tok, pieces, batch_bytes: int = 256 << 10):
         yield encode(batch)
 
 
-def pack(tok, docs: list[str], length: int) -> torch.Tensor:
-    """<s> doc </s> for every document, concatenated and cut into blocks (N, length); the last block padded."""
-    ids = np.concatenate(list(token_chunks(tok, ((d, True, True) for d in docs))))
-    return torch.from_numpy(TokenBlocks.from_array(ids, length, special_ids(tok).pad).blocks(np.arange(
-        -(-ids.size // length))))
+SAMPLE_BREAKS = ("complete_doc", "none")
+
+
+def pack(tok, docs: list[str], length: int, sample_break: str = "none") -> torch.Tensor:
+    """The blocks (N, length) of a list of documents, each <s> doc </s>. sample_break 'none': concatenated and cut
+    every `length` tokens (the last block padded); 'complete_doc': every block from one document only, starting
+    with <s>, padded (fairseq's complete_doc)."""
+    ids, starts = (np.concatenate(a) for a in zip(*token_chunks(tok, ((d, True, True) for d in docs), starts=True)))
+    blocks = TokenBlocks.from_array(ids, length, special_ids(tok), starts if sample_break == "complete_doc" else None)
+    return torch.from_numpy(blocks.blocks(np.arange(len(blocks))))
 
 
 # -------------------------------------------------------------------------------------------- token cache
@@ -397,19 +407,29 @@ def cached_tokenizer(corpus, corpus_sha: str, vocab_size: int):
 
 class TokenBlocks:
     """A tokenized corpus as one flat file of uint16 (vocabularies up to 65,536) or uint32 ids, read as blocks of
-    `length` tokens: block i = ids[i * length: (i + 1) * length], the last one padded. Each read maps the file
-    anew, so no pages stay mapped between batches and the process's memory does not grow with the corpus."""
+    `length` tokens. Each read maps the file anew, so no pages stay mapped between batches and the process's memory
+    does not grow with the corpus.
 
-    def __init__(self, path: Path | None, dtype, count: int, length: int, pad_id: int, array: np.ndarray | None = None):
-        self.path, self.dtype, self.count, self.length, self.pad_id = path, np.dtype(dtype), count, length, pad_id
+    Without document starts (sample break 'none'): block i = ids[i * length: (i + 1) * length], documents packed
+    across block boundaries, the last block padded. With the offsets of each document's <s> (fairseq's
+    'complete_doc'): no block crosses a document boundary; every block is <s> then the next length - 1 tokens of
+    one document (its </s> included), padded, so a document of n tokens after its <s> gives ceil(n / (length - 1))
+    blocks."""
+
+    def __init__(self, path: Path | None, dtype, count: int, length: int, special: SpecialIds,
+                 array: np.ndarray | None = None, doc_starts: np.ndarray | None = None):
+        self.path, self.dtype, self.count, self.length = path, np.dtype(dtype), count, length
+        self.pad_id, self.bos_id = special.pad, special.bos
         self.array = array
+        self.spans = None if doc_starts is None else _doc_blocks(np.asarray(doc_starts, np.int64), count, length)
 
     @classmethod
-    def from_array(cls, ids: np.ndarray, length: int, pad_id: int) -> "TokenBlocks":
-        return cls(None, ids.dtype, ids.size, length, pad_id, ids)
+    def from_array(cls, ids: np.ndarray, length: int, special: SpecialIds,
+                   doc_starts: np.ndarray | None = None) -> "TokenBlocks":
+        return cls(None, ids.dtype, ids.size, length, special, ids, doc_starts)
 
     def __len__(self) -> int:
-        return -(-self.count // self.length)
+        return -(-self.count // self.length) if self.spans is None else len(self.spans)
 
     def blocks(self, indices) -> np.ndarray:
         """(len(indices), length) int64."""
@@ -417,33 +437,68 @@ class TokenBlocks:
                                                                   shape=(self.count,))
         out = np.full((len(indices), self.length), self.pad_id, dtype=np.int64)
         for r, b in enumerate(np.asarray(indices).tolist()):
-            piece = ids[b * self.length: (b + 1) * self.length]
-            out[r, : piece.size] = piece
+            if self.spans is None:
+                piece = ids[b * self.length: (b + 1) * self.length]
+                out[r, : piece.size] = piece
+            else:
+                start, stop = self.spans[b].tolist()
+                out[r, 0] = self.bos_id
+                out[r, 1: 1 + stop - start] = ids[start:stop]
         del ids
         return out
 
 
-def cached_tokens(corpus, corpus_sha: str, tok, length: int) -> TokenBlocks:
-    """The corpus tokenized once into the cache (keyed by corpus and tokenizer), streamed in pieces."""
+def _doc_blocks(doc_starts: np.ndarray, count: int, length: int) -> np.ndarray:
+    """(N, 2) [start, stop) of each complete_doc block's tokens after its <s>, in corpus order."""
+    if length < 2:
+        raise ConfigError("complete_doc blocks need model.max_length of at least 2 (<s> and one token)")
+    if doc_starts.size == 0 or doc_starts[0] != 0:
+        doc_starts = np.concatenate([[0], doc_starts]).astype(np.int64)  # tokens before the first <s>: a document
+    content = doc_starts + 1  # after each document's <s>
+    ends = np.append(doc_starts[1:], count)
+    per_doc = np.maximum(1, -(-(ends - content) // (length - 1)))
+    first = np.repeat(content, per_doc)
+    within = np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    start = first + within * (length - 1)
+    stop = np.minimum(start + length - 1, np.repeat(ends, per_doc))
+    return np.stack([start, np.maximum(stop, start)], axis=1)
+
+
+def cached_tokens(corpus, corpus_sha: str, tok, length: int, sample_break: str = "none") -> TokenBlocks:
+    """The corpus tokenized once into the cache (keyed by corpus and tokenizer), streamed in pieces; beside the
+    token file, the offset of every document's <s> (int64), which complete_doc blocks are cut from."""
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     key = hashlib.sha256(f"{corpus_sha}{tokenizer_sha256(tok)}".encode()).hexdigest()[:32]
     path = cache_dir() / "text" / f"tokens-{key}.{np.dtype(dtype).name}"
-    pad = special_ids(tok).pad
-    if not path.exists():
+    starts_path = path.with_name(path.name + ".docs.int64")
+    special = special_ids(tok)
+    if not (path.exists() and starts_path.exists()):  # token files from before the document index are rebuilt
+        starts_tmp = path.with_name(f".docs-{os.getpid()}-{path.name}")
+
         def write(f):
-            for chunk in token_chunks(tok, corpus.pieces()):
-                chunk.astype(dtype).tofile(f)
+            at = 0
+            with open(starts_tmp, "wb") as g:
+                for chunk, first in token_chunks(tok, corpus.pieces(), starts=True):
+                    chunk.astype(dtype).tofile(f)
+                    (first + at).tofile(g)
+                    at += chunk.size
+                g.flush()
+                os.fsync(g.fileno())
 
         try:
             _atomic_write(path, write)
+            os.replace(starts_tmp, starts_path)  # after the token file: both present means both complete
         except OSError as exc:
             raise DataError(f"cannot write the tokenized corpus to {path.parent} ({exc}); set D2V_CACHE_DIR to a "
                             f"writable folder") from None
+        finally:
+            starts_tmp.unlink(missing_ok=True)
     count = path.stat().st_size // np.dtype(dtype).itemsize
     if count == 0:
         raise DataError("the text data holds no text")
-    return TokenBlocks(path, dtype, count, length, pad)
+    doc_starts = np.fromfile(starts_path, dtype=np.int64) if sample_break == "complete_doc" else None
+    return TokenBlocks(path, dtype, count, length, special, doc_starts=doc_starts)
 
 
 # ----------------------------------------------------------------------------------------- probe datasets
@@ -521,7 +576,9 @@ class TextPipeline:
             raise ConfigError(f"the model expects a vocabulary of {m.vocab_size} but the tokenizer has {vocab}; "
                               f"leave model.vocab_size at 0 to take it from the tokenizer")
         m.vocab_size, m.tokenizer_sha256, m.pad_id, m.mask_id = vocab, digest, self.special.pad, self.special.mask
-        self.blocks = cached_tokens(corpus, corpus_sha, self.tokenizer, m.max_length)
+        if d.sample_break not in SAMPLE_BREAKS:
+            raise ConfigError(f"data.sample_break {d.sample_break!r} is not available; use 'complete_doc' or 'none'")
+        self.blocks = cached_tokens(corpus, corpus_sha, self.tokenizer, m.max_length, d.sample_break)
         self.skipped = getattr(corpus, "skipped", 0)
         self.order = SampleOrder(len(self.blocks), cfg.run.seed)
 
