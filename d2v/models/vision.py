@@ -112,6 +112,22 @@ def as_unit_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def _image_input(module: nn.Module, cfg: VisionModelConfig) -> None:
+    """What both image encoders share: size checks, the config, the patch grid, the pixel normalization buffers and
+    the patch embedding."""
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
+    if cfg.dim % cfg.num_heads:
+        raise ValueError(f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}")
+    module.cfg = cfg
+    module.grid = (cfg.image_size // cfg.patch_size,) * 2
+    module.num_patches = module.grid[0] * module.grid[1]
+    mean, std = cfg.pixel_mean or [0.5] * cfg.in_chans, cfg.pixel_std or [0.5] * cfg.in_chans
+    module.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+    module.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+    module.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+
+
 class VisionEncoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> hidden states (B, 1 + N, D); normalizes pixels itself."""
 
@@ -120,17 +136,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
-        if cfg.dim % cfg.num_heads:
-            raise ValueError(f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}")
-        self.cfg = cfg
-        self.grid = (cfg.image_size // cfg.patch_size,) * 2
-        self.num_patches = self.grid[0] * self.grid[1]
-        mean, std = cfg.pixel_mean or [0.5] * cfg.in_chans, cfg.pixel_std or [0.5] * cfg.in_chans
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        _image_input(self, cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.rel_pos_bias = RelativePositionBias(self.grid, cfg.num_heads)
@@ -225,17 +231,7 @@ class VisionEncoderV2(nn.Module):
         super().__init__()
         from d2v.models.transformer import PostLNBlock
 
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
-        if cfg.dim % cfg.num_heads:
-            raise ValueError(f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}")
-        self.cfg = cfg
-        self.grid = (cfg.image_size // cfg.patch_size,) * 2
-        self.num_patches = self.grid[0] * self.grid[1]
-        mean, std = cfg.pixel_mean or [0.5] * cfg.in_chans, cfg.pixel_std or [0.5] * cfg.in_chans
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        _image_input(self, cfg)
         self.register_buffer("pos_embed", sincos_positions(self.grid, cfg.dim)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
