@@ -79,3 +79,19 @@ def key_mask(keep_padding: torch.Tensor | None, prefix: int = 0) -> torch.Tensor
     if prefix:
         keep_padding = torch.cat([keep_padding.new_zeros(keep_padding.shape[0], prefix), keep_padding], dim=1)
     return ~keep_padding[:, None, None, :]
+
+
+def run_blocks(blocks, x: torch.Tensor, attn, output_layers: str | None = None, top_k: int = 0,
+               skip=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x through the blocks (each returns (output, FFN output)), with `attn` the attention mask / bias they take;
+    the candidate target sub-layers ("block" or "ffn") of the top `top_k` blocks, bottom to top. skip(i) -> True
+    leaves block i out (LayerDrop), asked in block order."""
+    first = len(blocks) - top_k
+    layers = []
+    for i, block in enumerate(blocks):
+        if skip is not None and skip(i):
+            continue
+        x, ffn = block(x, attn)
+        if output_layers is not None and i >= first:
+            layers.append(x if output_layers == "block" else ffn)
+    return x, layers

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import SpeechModelConfig
-from d2v.models.common import EncoderOutput, init_transformer_weights
+from d2v.models.common import EncoderOutput, init_transformer_weights, run_blocks
 from d2v.models.transformer import PostLNBlock
 
 WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
@@ -201,17 +201,10 @@ class SpeechEncoder(nn.Module):
         return features, pad, padding_mask
 
     def _blocks(self, x: torch.Tensor, bias, output_layers: str | None, top_k: int) -> tuple[torch.Tensor, list]:
-        first = len(self.blocks) - top_k
-        layers = []
-        for i, block in enumerate(self.blocks):
-            # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
-            if (self.training and output_layers is None and self.cfg.layerdrop > 0
-                    and torch.rand(()) < self.cfg.layerdrop):
-                continue
-            x, ffn = block(x, bias)
-            if output_layers is not None and i >= first:
-                layers.append(x if output_layers == "block" else ffn)
-        return x, layers
+        # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
+        drops = self.training and output_layers is None and self.cfg.layerdrop > 0
+        skip = (lambda i: bool(torch.rand(()) < self.cfg.layerdrop)) if drops else None  # noqa: E731
+        return run_blocks(self.blocks, x, bias, output_layers, top_k, skip)
 
     def encode_kept(self, wave: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
                     keep_padding: torch.Tensor | None = None, clones: int = 1,

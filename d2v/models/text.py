@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from d2v.config import TextModelConfig
-from d2v.models.common import EncoderOutput, init_transformer_weights
+from d2v.models.common import EncoderOutput, init_transformer_weights, run_blocks
 from d2v.models.transformer import PostLNBlock
 
 
@@ -75,12 +75,7 @@ class TextEncoder(nn.Module):
             ids = ids.masked_fill(mask, self.cfg.mask_id)
         x = self.embeddings(ids)  # (B, T, D)
         keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
-        first = len(self.blocks) - top_k
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, ffn = block(x, keep)
-            if output_layers is not None and i >= first:
-                layers.append(x if output_layers == "block" else ffn)
+        x, layers = run_blocks(self.blocks, x, keep, output_layers, top_k)
         return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=padding_mask)
 
     def encode_kept(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
@@ -95,9 +90,7 @@ class TextEncoder(nn.Module):
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequences of {ids.shape[1]} tokens exceed the model's max length {self.cfg.max_length}")
         x = gather_kept(self.embeddings(ids), keep, clones)
-        keep_mask = key_mask(keep_padding)
-        for block in self.blocks:
-            x, _ = block(x, keep_mask)
+        x, _ = run_blocks(self.blocks, x, key_mask(keep_padding))
         return EncoderOutput(hidden=x, num_prefix=0)
 
     def _ids(self, x) -> torch.Tensor:

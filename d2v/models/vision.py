@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import VisionModelConfig
-from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights
+from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights, run_blocks
 
 INIT_STD = 0.02
 
@@ -186,12 +186,7 @@ class VisionEncoder(nn.Module):
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
         bias = self.rel_pos_bias()  # (H, 1 + N, 1 + N)
-        first = len(self.blocks) - top_k
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, ffn = block(x, bias)
-            if output_layers is not None and i >= first:
-                layers.append(x if output_layers == "block" else ffn)
+        x, layers = run_blocks(self.blocks, x, bias, output_layers, top_k)
         return EncoderOutput(hidden=self.norm(x), layers=layers, num_prefix=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -269,12 +264,7 @@ class VisionEncoderV2(nn.Module):
                 top_k: int) -> EncoderOutput:
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.norm(x)
-        first = len(self.blocks) - top_k
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, ffn = block(x, keep)
-            if output_layers is not None and i >= first:
-                layers.append(x if output_layers == "block" else ffn)
+        x, layers = run_blocks(self.blocks, x, keep, output_layers, top_k)
         return EncoderOutput(hidden=x, layers=layers, num_prefix=1)
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None,
