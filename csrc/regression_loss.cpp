@@ -23,15 +23,19 @@ at::Tensor as_supported(const at::Tensor& x) {
 }
 }  // namespace
 
+// Plain TORCH_CHECK (c10::Error -> RuntimeError), not TORCH_CHECK_VALUE: on an H100/H200 image whose default
+// compiler is a wrapper (/opt/gcc/bin/g++, GCC 13.3), an extension built with it crashed the interpreter (SIGSEGV)
+// when it threw c10::ValueError, while c10::Error was caught fine; the same code built with /usr/bin/g++ 13.3 raised
+// both. d2v.ops already raises the ValueError users see before any kernel runs; this is the kernel's own guard.
 void check_loss_shapes(const at::Tensor& pred, const at::Tensor& target, int64_t clones) {
-  TORCH_CHECK_VALUE(clones >= 1, "d2v: clones must be >= 1, got ", clones);
+  TORCH_CHECK(clones >= 1, "d2v: clones must be >= 1, got ", clones);
   if (clones == 1) {
-    TORCH_CHECK_VALUE(pred.sizes() == target.sizes() && pred.dim() >= 1,
+    TORCH_CHECK(pred.sizes() == target.sizes() && pred.dim() >= 1,
                       "d2v: pred and target must have one shape (..., D); got ", pred.sizes(), " and ",
                       target.sizes());
     return;
   }
-  TORCH_CHECK_VALUE(pred.dim() >= 2 && pred.dim() == target.dim() && pred.size(0) == clones * target.size(0) &&
+  TORCH_CHECK(pred.dim() >= 2 && pred.dim() == target.dim() && pred.size(0) == clones * target.size(0) &&
                         pred.sizes().slice(1) == target.sizes().slice(1),
                     "d2v: with clones=", clones, ", pred must have shape (", clones,
                     " * B, ..., D) for target (B, ..., D); got pred ", pred.sizes(), " and target ", target.sizes());

@@ -2,7 +2,9 @@
 
 Two kernels:
   _instance_stats_kernel  per (D-block, b, layer): Chan-merged mean and M2 over the valid steps of T, written as
-                          a per-(b, layer, d) scale = rstd and shift = -mean * rstd (instance norm only)
+                          a per-(b, layer, d) scale = rstd and shift = mean (instance norm only), applied
+                          as (x - mean) * rstd: exactly 0 for a constant channel, where x * rstd - mean * rstd
+                          (one FMA) leaves the rounding error of mean * rstd for a final layer norm to amplify
   _targets_rows_kernel    per (block of steps, b): normalize each layer, average, final layer norm, write the
                           rows once (or, with a mask, only masked rows, at their compacted index)
 
@@ -39,7 +41,7 @@ def _instance_stats_kernel(
     layers,  # tuple of K tensors (B, T, D) with strides (stride_b, stride_t, 1)
     pad_ptr,  # (B, T) uint8, nonzero at padded steps (HAS_PAD only)
     scale_ptr,  # (B, K, D) fp32 out: rstd
-    shift_ptr,  # (B, K, D) fp32 out: -mean * rstd
+    shift_ptr,  # (B, K, D) fp32 out: mean
     T, D,
     stride_b, stride_t,
     eps,
@@ -86,7 +88,7 @@ def _instance_stats_kernel(
     rstd = tl.rsqrt(m2 / tl.maximum(n, 1.0) + eps)
     out = (b * K + k) * D + cols
     tl.store(scale_ptr + out, rstd, mask=col_ok)
-    tl.store(shift_ptr + out, -mean * rstd, mask=col_ok)
+    tl.store(shift_ptr + out, mean, mask=col_ok)
 
 
 @triton.jit
@@ -102,7 +104,7 @@ def _layer_norm_rows(x, ok, D, eps):
 def _targets_rows_kernel(
     layers,  # tuple of K tensors (B, T, D) with strides (stride_b, stride_t, 1)
     scale_ptr,  # (B, K, D) fp32 instance-norm scale (NORM == 2 only)
-    shift_ptr,  # (B, K, D) fp32 instance-norm shift (NORM == 2 only)
+    shift_ptr,  # (B, K, D) fp32 instance-norm mean (NORM == 2 only)
     dest_ptr,  # (B * T,) int64 output row of each input row, -1 where not selected (HAS_MASK only)
     out_ptr,  # (N, D) fp32, N = B * T without a mask
     T, D,
@@ -141,7 +143,7 @@ def _targets_rows_kernel(
             stat = (b * K + k) * D + cols
             sc = tl.load(scale_ptr + stat, mask=col_ok, other=0.0)
             sh = tl.load(shift_ptr + stat, mask=col_ok, other=0.0)
-            xf = xf * sc[None, :] + sh[None, :]
+            xf = (xf - sh[None, :]) * sc[None, :]
         acc += xf
         if k + 1 < K:
             x = x_next

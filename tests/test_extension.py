@@ -223,12 +223,13 @@ def test_loss_clones(reduction, beta, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_loss_clones_wrong_shapes_raise_value_error_in_the_kernel(device):
-    """The compiled op checks the shapes itself (a direct torch.ops.d2v_ext call gets a ValueError, no bad read)."""
+def test_loss_clones_wrong_shapes_raise_in_the_kernel(device):
+    """The compiled op checks the shapes itself: a direct torch.ops.d2v_ext call gets a RuntimeError, no bad read
+    (c10::Error, not c10::ValueError: see check_loss_shapes; d2v.ops raises ValueError before any kernel)."""
     op = torch.ops.d2v_ext.masked_regression_loss.default
     for pred_shape, target_shape, clones in [((6, 5, 7), (2, 5, 7), 2), ((6, 5, 7), (2, 4, 7), 3),
                                              ((6, 7), (2, 5, 7), 3), ((2, 7), (2, 7), 0)]:
-        with pytest.raises(ValueError, match="clones"):
+        with pytest.raises(RuntimeError, match="clones"):
             op(torch.randn(pred_shape, device=device), torch.randn(target_shape, device=device), None, 0.0, 1.0,
                "mean", True, clones)
 

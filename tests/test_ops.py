@@ -490,3 +490,16 @@ def test_loss_clones_opcheck(backend, device):
                           (pred, torch.randn(2, 5, 8, device=device), (torch.rand(6, 5) < 0.5).to(device), 0.5, 1.0,
                            "mean", True, backend, 3),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_auto_prefers_the_extension_on_cuda_then_triton(monkeypatch):
+    """auto on CUDA tensors: the compiled extension when built (the faster one on the H100, bench/RESULTS.md), else
+    Triton, else torch; on CPU tensors the C++ backend, else torch. Availability is faked: no GPU is needed."""
+    from d2v.ops import backends
+
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
+    for available, device, want in [({"cuda", "triton", "torch"}, "cuda", "cuda"), ({"triton", "torch"}, "cuda", "triton"),
+                                    ({"torch"}, "cuda", "torch"), ({"cpu", "torch", "triton"}, "cpu", "cpu"),
+                                    ({"torch", "triton"}, "cpu", "torch")]:
+        monkeypatch.setattr(backends, "status", lambda name, dev, a=available: (name in a, "faked"))
+        assert backends.resolve("auto", device) == want, (available, device)

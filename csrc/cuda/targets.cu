@@ -1,7 +1,8 @@
 // CUDA kernels of `targets`:
 //   instance_stats_kernel      tiled per-channel statistics of every layer of a table in one launch: 16-byte
 //                              loads along D, a Welford pass per thread over its steps, a Chan merge of the
-//                              threads; writes scale = rstd and shift = -mean * rstd.
+//                              threads; writes scale = rstd and shift = mean, applied as (x - mean) * rstd
+//                              (exactly 0 for a constant channel; x * rstd - mean * rstd, one FMA, is not).
 //   targets_rows_reg_kernel    one warp per row, the row accumulated in registers over the K layers (layer k+1
 //                              is loaded before layer k is reduced) and written once; D <= 1024.
 //   targets_rows_global_kernel rows longer than 1024: accumulated in the output row in memory, as many passes.
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(32 * kStatRows)
     }
     const float rstd = rsqrtf(qa / fmaxf(na, 1.f) + eps);
     scale[j] = rstd;
-    shift[j] = -ma * rstd;
+    shift[j] = ma;
   }
 }
 
@@ -179,7 +180,7 @@ __global__ void targets_rows_reg_kernel(const RowsArgs a) {
         load_float<float, VEC>(scale + i, sc);
         load_float<float, VEC>(shift + i, sh);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[c * VEC + j] += cur[c * VEC + j] * sc[j] + sh[j];
+        for (int j = 0; j < VEC; ++j) acc[c * VEC + j] += (cur[c * VEC + j] - sh[j]) * sc[j];
       }
     } else {
 #pragma unroll
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp) targets_rows_global_ker
         load_float<float, VEC>(acc + i, y);
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) y[j] += sc != nullptr ? v[j] * sc[i + j] + sh[i + j] : (v[j] - mean) * rstd;
+      for (int j = 0; j < VEC; ++j) y[j] += sc != nullptr ? (v[j] - sh[i + j]) * sc[i + j] : (v[j] - mean) * rstd;
       store_float<float, VEC>(acc + i, y);
     }
   }
