@@ -27,6 +27,9 @@ class VisionModelConfig:
     # default stays 0 so that a run saved before this field existed resumes unchanged
     attention_dropout: float = 0.0
     drop_path: float = 0.25
+    # weights, CLS and mask token: normal(0, 0.02) cut at +-init_trunc std (BEiT's trunc_normal_(a=-std, b=std): 1,
+    # which leaves an effective std of 0.011); 0: uncut (the CPU presets: their digits probe is better)
+    init_trunc: float = 1.0
     ln_eps: float = 1e-6
     pixel_mean: list[float] = field(default_factory=list)  # per channel, applied by the encoder; empty: from data
     pixel_std: list[float] = field(default_factory=list)

@@ -47,6 +47,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "num_heads": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
         "mlp_ratio": (lambda v: _finite(v) and 0 < v <= 64, "a positive number of at most 64"),
         "layer_scale_init": (lambda v: _finite(v) and 0 <= v <= 10, "a number from 0 to 10"), "drop_path": _PROB,
+        "init_trunc": (lambda v: _finite(v) and 0 <= v <= 10, "0 (uncut) or a number of standard deviations up to 10"),
         "ln_eps": _SMALL_POS,
         "pixel_mean": (lambda v: all(_finite(x) for x in v), "finite numbers, one per channel"),
         "pixel_std": (lambda v: all(_finite(x) and 0 < x <= 10 for x in v), "numbers in (0, 10], one per channel"),

@@ -17,6 +17,7 @@ runner = CliRunner()
 # Fields whose domain includes 0 (an off switch, "from the data", a valid id or probability).
 ZERO_OK = {
     "model.image_size", "model.patch_size", "model.in_chans", "model.layer_scale_init", "model.drop_path",
+    "model.init_trunc",
     "model.vocab_size", "model.dropout", "model.attention_dropout", "model.activation_dropout", "model.layerdrop",
     "model.pad_id", "model.mask_id", "mask.random_token", "mask.unchanged", "targets.loss_beta",
     "ema.decay", "ema.end_decay", "ema.anneal_steps", "optim.weight_decay", "optim.warmup_fraction",

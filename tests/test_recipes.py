@@ -123,6 +123,16 @@ def test_vision_init_layer_scale_and_ffn_target():
     torch.testing.assert_close(out.layers[0], block.gamma_2 * block.mlp(block.norm2(h)))  # the branch as added
 
 
+def test_vision_cpu_presets_keep_the_uncut_init():
+    from d2v.models.vision import VisionEncoder
+
+    cfg = preset_config("vision", "tiny").model
+    cfg.image_size, cfg.patch_size, cfg.in_chans = 32, 4, 3
+    torch.manual_seed(0)
+    w = VisionEncoder(cfg).blocks[0].mlp.fc1.weight
+    assert cfg.init_trunc == 0 and w.abs().max() > 0.04 and 0.018 < w.std() < 0.022  # normal std 0.02, uncut
+
+
 def test_regression_head_gets_the_model_init():
     from d2v.models import build_encoder
     from d2v.objective import Data2Vec

@@ -14,9 +14,10 @@ from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights,
 INIT_STD = 0.02
 
 
-def init_vision_weights(module: nn.Module) -> None:
-    """The BEiT / data2vec vision init: truncated normal std 0.02 cut at +-1 std, zero biases, unit LayerNorms."""
-    init_transformer_weights(module, std=INIT_STD, trunc=1.0)
+def init_vision_weights(module: nn.Module, trunc: float = 1.0) -> None:
+    """The BEiT / data2vec vision init: normal std 0.02 cut at +-trunc std (BEiT: 1; 0: uncut), zero biases, unit
+    LayerNorms."""
+    init_transformer_weights(module, std=INIT_STD, trunc=trunc)
 
 
 def auto_patch_size(image_size: int, max_grid: int = 8) -> int:
@@ -143,9 +144,13 @@ class VisionEncoder(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.apply(init_vision_weights)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
-        nn.init.trunc_normal_(self.mask_token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
+        self.apply(self.init_weights)
+        for token in (self.cls_token, self.mask_token):
+            if cfg.init_trunc > 0:
+                cut = cfg.init_trunc * INIT_STD
+                nn.init.trunc_normal_(token, std=INIT_STD, a=-cut, b=cut)
+            else:
+                nn.init.normal_(token, std=INIT_STD)
         for i, block in enumerate(self.blocks, start=1):  # BEiT: shrink residual branches with depth
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
@@ -159,7 +164,7 @@ class VisionEncoder(nn.Module):
 
     def init_weights(self, module: nn.Module) -> None:
         """This model's init, for modules built around it (the regression head)."""
-        init_vision_weights(module)
+        init_vision_weights(module, self.cfg.init_trunc)
 
     def encode(
         self,
