@@ -370,6 +370,9 @@ def finetune(
                                       "BEiT/data2vec ViT-B fine-tuning: 0.65 over 12 blocks)."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, tokens)."),
     label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
+    frozen_fraction: float = typer.Option(0.2, help="Share of the updates that train the head alone on the frozen "
+                                          "encoder before all of it is fine-tuned (LP-FT; 0: fine-tune all from "
+                                          "the start)."),
     holdout: Optional[str] = typer.Option(None, help="Speech: globs of the files to test on, as d2v probe."),
     random_init: bool = typer.Option(False, "--random-init", help="Fine-tune the untrained architecture (baseline)."),
     seed: int = typer.Option(0, help="Seed for the head, the order and the crops."),
@@ -389,7 +392,8 @@ def finetune(
     out = out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = FinetuneConfig(encoder=str(encoder.expanduser().resolve()), data=_resolve_source(data), holdout=holdout or "",
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
-                         weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing,
+                         frozen_fraction=frozen_fraction, seed=seed,
                          random_init=random_init, device=device)
     summary = run_finetune(cfg, out, resume=resume, console=console, progress=progress)
     if summary.complete:

@@ -2,6 +2,12 @@
 (`embed`) -> a linear head, AdamW with layer-wise learning-rate decay, warm-up + cosine, label smoothing, and for
 images random resized crops. Every modality; the labelled sets are the probe's.
 
+Training runs in two phases (LP-FT, Kumar et al. 2022; data2vec's speech fine-tuning likewise trains only the head
+for its first updates): the first `frozen_fraction` of the updates trains the head alone on the frozen encoder (in
+eval mode, no gradients through it), the rest fine-tunes everything. Each phase has its own warm-up + cosine
+schedule. Starting the encoder's updates from a trained head keeps the large early gradients of a random head from
+distorting the pretrained features, which on small labelled sets otherwise leaves fine-tuning below the probe.
+
 A fine-tuning run directory follows pretrain's conventions: config.json, metrics.jsonl, checkpoints/ (with
 manifests, written atomically), a lock, Ctrl-C / SIGTERM save and exit 130 / 143, --resume continues exactly.
 Its checkpoints hold the encoder as `student.*` (and the head as `head.*`), so `d2v export checkpoint` turns a
@@ -35,7 +41,8 @@ class FinetuneConfig:
     lr: float = 3e-3
     layer_decay: float = 0.9  # lr scale per block below the top (BEiT / data2vec ViT-B use 0.65 over 12 blocks)
     weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
+    warmup_fraction: float = 0.1  # of each phase
+    frozen_fraction: float = 0.2  # updates that train the head alone on the frozen encoder before fine-tuning all
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.6, 1.0)  # images: random resized crop area; (1, 1): none
     eval_every: int = 0  # updates between test evaluations (0: five per run); always at the end
@@ -46,7 +53,11 @@ class FinetuneConfig:
 
 
 class Classifier(nn.Module):
-    """encoder.embed(inputs) (B, D) -> Linear -> logits (B, classes)."""
+    """encoder.embed(inputs) (B, D) -> standardize -> Linear -> logits (B, classes).
+
+    The standardization is fixed: the mean and std of the training split's embeddings under the encoder as
+    fine-tuning starts (the probe's StandardScaler), so the head sees unit-scale features whatever the encoder's
+    output scale; it is saved with the head (0 and 1 in runs from before it existed: no change)."""
 
     def __init__(self, encoder: nn.Module, classes: int):
         super().__init__()
@@ -54,9 +65,15 @@ class Classifier(nn.Module):
         self.head = nn.Linear(encoder.dim, classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.register_buffer("feature_mean", torch.zeros(encoder.dim))
+        self.register_buffer("feature_std", torch.ones(encoder.dim))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings -> (B, classes) logits."""
+        return self.head((features - self.feature_mean) / self.feature_std)
 
     def forward(self, inputs: tuple) -> torch.Tensor:
-        return self.head(self.student.embed(*inputs))
+        return self.classify(self.student.embed(*inputs))
 
 
 def _layer_id(name: str, depth: int, norm_on_top: bool = True) -> int:
@@ -82,7 +99,18 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     return list(groups.values())
 
 
+def frozen_steps(cfg: FinetuneConfig, total: int) -> int:
+    """Updates of the head-only phase: frozen_fraction of `total`, at least one update left for fine-tuning."""
+    return min(int(round(cfg.frozen_fraction * total)), total - 1)
+
+
 def lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
+    """Peak-`cfg.lr` warm-up + cosine over the phase that `step` is in (the head-only one, then fine-tuning)."""
+    frozen = frozen_steps(cfg, total)
+    if step < frozen:
+        total = frozen
+    else:
+        step, total = step - frozen, total - frozen
     warmup = int(round(cfg.warmup_fraction * total))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -99,6 +127,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (math.isfinite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
         (math.isfinite(cfg.weight_decay) and 0 <= cfg.weight_decay <= 10, "--weight-decay must be from 0 to 10"),
         (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
+        (math.isfinite(cfg.frozen_fraction) and 0 <= cfg.frozen_fraction < 1, "--frozen-fraction must be in [0, 1)"),
         (math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
          "crop scale must be two area fractions 0 < min <= max <= 1"),
@@ -150,6 +179,22 @@ def accuracy(model: Classifier, dataset, device, batch_size: int = 256) -> float
         correct += int((model(_inputs(dataset, idx, device)).argmax(1).cpu() == dataset.labels[idx]).sum())
     model.train(was)
     return correct / len(dataset)
+
+
+def _train_inputs(cfg: FinetuneConfig, train, idx: torch.Tensor, step: int, crop: bool, device) -> tuple:
+    """The encoder inputs of training batch `idx` at `step`: images randomly cropped when `crop`."""
+    from d2v.data.pipeline import random_resized_crop
+
+    if crop and hasattr(train, "train_batch"):  # image files: crop the original, then resize
+        rngs = [np.random.default_rng([cfg.seed, 11, step, i]) for i in range(len(idx))]
+        return (train.train_batch(idx, tuple(cfg.crop_scale), False, rngs).to(device).float() / 255.0,)
+    inputs = _inputs(train, idx, device)
+    if crop:  # arrays: they are held at the encoder's size
+        from d2v.models.vision import as_unit_images
+
+        rng = np.random.default_rng([cfg.seed, 11, step])
+        inputs = (random_resized_crop(as_unit_images(inputs[0]), cfg.crop_scale, False, rng),)
+    return inputs
 
 
 def _order(n: int, seed: int, start: int, count: int) -> torch.Tensor:
@@ -207,6 +252,7 @@ def load_config(run_dir: Path) -> FinetuneConfig:
         raise CheckpointError(f"there is no fine-tuning run to resume in {run_dir}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("finetune"), dict):
         raise CheckpointError(f"{run_dir} is not a fine-tuning run directory")
+    saved["finetune"].setdefault("frozen_fraction", 0.0)  # runs started before the head-only phase existed
     return from_dict(FinetuneConfig, saved["finetune"], "finetune.")
 
 
@@ -219,19 +265,21 @@ def _run_config(cfg: FinetuneConfig, model: Classifier) -> dict:
 def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, console, progress) -> FinetuneSummary:
     import signal as signals
 
-    from d2v.data.pipeline import random_resized_crop
     from d2v.train import _finite, _progress, _StopFlag
 
     t0 = time.perf_counter()
     B = cfg.batch_size
     total = cfg.steps or max(1, int(round(cfg.epochs * len(train) / B)))
     eval_every = cfg.eval_every or max(1, total // 5)
+    frozen = frozen_steps(cfg, total)
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step = 0
     if restore:
         path, weights, opt_tensors, state = ckpt.read_latest(out)
+        for name in ("feature_mean", "feature_std"):  # runs from before the standardization: identity
+            weights.setdefault(name, getattr(model, name))
         try:
             model.load_state_dict(weights)
             ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
@@ -249,8 +297,19 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
     if metrics_path.exists():
         keep = [r for r in rundir.read_metrics(metrics_path) if r["step"] <= step]
         ckpt.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-    images = model.student.cfg.modality == "vision"
+    crop = model.student.cfg.modality == "vision" and tuple(cfg.crop_scale) != (1.0, 1.0)
     model.train()
+    frozen_features = None
+    if not restore or (step < frozen and not crop):
+        from d2v.probe import features as embed_all
+
+        model.student.eval()
+        embedded = embed_all(model.student, train, device=device)  # (N, D) float64, uncropped
+        if not restore:
+            model.feature_mean.copy_(torch.from_numpy(embedded.mean(0)))
+            model.feature_std.copy_(torch.from_numpy(embedded.std(0)).clamp_min(1e-6))
+        if step < frozen and not crop:  # the frozen encoder sees the same inputs every epoch: embed them once
+            frozen_features = torch.from_numpy(embedded).float().to(device)
     test_acc, train_correct, train_seen = float("nan"), 0, 0
 
     def save():
@@ -265,19 +324,19 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
                 g["lr"] = lr * g["lr_scale"]
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
             idx = _order(len(train), cfg.seed, step * B, min(B, len(train)))
-            crop = images and tuple(cfg.crop_scale) != (1.0, 1.0)
-            if crop and hasattr(train, "train_batch"):  # image files: crop the original, then resize
-                rngs = [np.random.default_rng([cfg.seed, 11, step, i]) for i in range(len(idx))]
-                inputs = (train.train_batch(idx, tuple(cfg.crop_scale), False, rngs).to(device).float() / 255.0,)
-            else:
-                inputs = _inputs(train, idx, device)
-            if crop and not hasattr(train, "train_batch"):  # arrays: they are held at the encoder's size
-                from d2v.models.vision import as_unit_images
-
-                rng = np.random.default_rng([cfg.seed, 11, step])
-                inputs = (random_resized_crop(as_unit_images(inputs[0]), cfg.crop_scale, False, rng),)
             labels = train.labels[idx].to(device)
-            logits = model(inputs)
+            if step < frozen and frozen_features is not None:  # head only, on the cached embeddings
+                logits = model.classify(frozen_features[idx.to(device)])
+            else:
+                inputs = _train_inputs(cfg, train, idx, step, crop, device)
+                if step < frozen:  # head only: the encoder as the probe sees it (eval mode, no gradients)
+                    model.student.eval()
+                    with torch.no_grad():
+                        features = model.student.embed(*inputs)
+                    logits = model.classify(features)
+                else:
+                    model.student.train()
+                    logits = model(inputs)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
