@@ -3,10 +3,11 @@
 images random resized crops. Every modality; the labelled sets are the probe's.
 
 Training runs in two phases (LP-FT, Kumar et al. 2022; data2vec's speech fine-tuning likewise trains only the head
-for its first updates): the first `frozen_fraction` of the updates trains the head alone on the frozen encoder (in
-eval mode, no gradients through it), the rest fine-tunes everything. Each phase has its own warm-up + cosine
-schedule. Starting the encoder's updates from a trained head keeps the large early gradients of a random head from
-distorting the pretrained features, which on small labelled sets otherwise leaves fine-tuning below the probe.
+for its first updates): `head_epochs` passes train the head alone on the frozen encoder's embeddings of the
+un-augmented training split (computed once, in eval mode: a linear probe), then `epochs` passes fine-tune
+everything. Each phase has its own warm-up + cosine schedule; one step counter runs through both. Starting the
+encoder's updates from a trained head keeps the large early gradients of a random head from distorting the
+pretrained features, which on small labelled sets otherwise leaves fine-tuning below the probe.
 
 A fine-tuning run directory follows pretrain's conventions: config.json, metrics.jsonl, checkpoints/ (with
 manifests, written atomically), a lock, Ctrl-C / SIGTERM save and exit 130 / 143, --resume continues exactly.
@@ -35,14 +36,14 @@ class FinetuneConfig:
     encoder: str = ""  # a d2v export or run, or a transformers Data2Vec*Model directory
     data: str = "digits"  # a labelled set, as `d2v probe --data` takes it
     holdout: str = ""  # speech: comma-separated globs of the files to test on
-    epochs: float = 60.0
-    steps: int = 0  # 0: epochs x (train items / batch size)
+    epochs: float = 60.0  # passes that fine-tune everything
+    steps: int = 0  # fine-tuning updates; 0: epochs x (train items / batch size)
+    head_epochs: float = 50.0  # passes that first train the head alone on the frozen encoder's embeddings
     batch_size: int = 64
     lr: float = 3e-3
     layer_decay: float = 0.9  # lr scale per block below the top (BEiT / data2vec ViT-B use 0.65 over 12 blocks)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1  # of each phase
-    frozen_fraction: float = 0.2  # updates that train the head alone on the frozen encoder before fine-tuning all
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.6, 1.0)  # images: random resized crop area; (1, 1): none
     eval_every: int = 0  # updates between test evaluations (0: five per run); always at the end
@@ -99,14 +100,15 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     return list(groups.values())
 
 
-def frozen_steps(cfg: FinetuneConfig, total: int) -> int:
-    """Updates of the head-only phase: frozen_fraction of `total`, at least one update left for fine-tuning."""
-    return min(int(round(cfg.frozen_fraction * total)), total - 1)
+def phase_steps(cfg: FinetuneConfig, n_train: int) -> tuple[int, int]:
+    """(head-only updates, fine-tuning updates) for a training split of `n_train` items."""
+    per_epoch = n_train / cfg.batch_size
+    return int(round(cfg.head_epochs * per_epoch)), cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
 
 
-def lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
-    """Peak-`cfg.lr` warm-up + cosine over the phase that `step` is in (the head-only one, then fine-tuning)."""
-    frozen = frozen_steps(cfg, total)
+def lr_at(cfg: FinetuneConfig, step: int, total: int, frozen: int = 0) -> float:
+    """Peak-`cfg.lr` warm-up + cosine over the phase that `step` is in: the `frozen` head-only updates, then the
+    rest of the `total`."""
     if step < frozen:
         total = frozen
     else:
@@ -127,7 +129,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (math.isfinite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
         (math.isfinite(cfg.weight_decay) and 0 <= cfg.weight_decay <= 10, "--weight-decay must be from 0 to 10"),
         (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
-        (math.isfinite(cfg.frozen_fraction) and 0 <= cfg.frozen_fraction < 1, "--frozen-fraction must be in [0, 1)"),
+        (math.isfinite(cfg.head_epochs) and 0 <= cfg.head_epochs <= 10**4, "--head-epochs must be from 0 to 10000"),
         (math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
          "crop scale must be two area fractions 0 < min <= max <= 1"),
@@ -252,7 +254,7 @@ def load_config(run_dir: Path) -> FinetuneConfig:
         raise CheckpointError(f"there is no fine-tuning run to resume in {run_dir}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("finetune"), dict):
         raise CheckpointError(f"{run_dir} is not a fine-tuning run directory")
-    saved["finetune"].setdefault("frozen_fraction", 0.0)  # runs started before the head-only phase existed
+    saved["finetune"].setdefault("head_epochs", 0.0)  # runs started before the head-only phase existed
     return from_dict(FinetuneConfig, saved["finetune"], "finetune.")
 
 
@@ -269,9 +271,9 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
 
     t0 = time.perf_counter()
     B = cfg.batch_size
-    total = cfg.steps or max(1, int(round(cfg.epochs * len(train) / B)))
+    frozen, tuned = phase_steps(cfg, len(train))
+    total = frozen + tuned
     eval_every = cfg.eval_every or max(1, total // 5)
-    frozen = frozen_steps(cfg, total)
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -300,16 +302,15 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
     crop = model.student.cfg.modality == "vision" and tuple(cfg.crop_scale) != (1.0, 1.0)
     model.train()
     frozen_features = None
-    if not restore or (step < frozen and not crop):
+    if not restore or step < frozen:  # the frozen encoder's embeddings of the un-augmented split, computed once
         from d2v.probe import features as embed_all
 
         model.student.eval()
-        embedded = embed_all(model.student, train, device=device)  # (N, D) float64, uncropped
+        embedded = embed_all(model.student, train, device=device)  # (N, D) float64
         if not restore:
             model.feature_mean.copy_(torch.from_numpy(embedded.mean(0)))
             model.feature_std.copy_(torch.from_numpy(embedded.std(0)).clamp_min(1e-6))
-        if step < frozen and not crop:  # the frozen encoder sees the same inputs every epoch: embed them once
-            frozen_features = torch.from_numpy(embedded).float().to(device)
+        frozen_features = torch.from_numpy(embedded).float().to(device)
     test_acc, train_correct, train_seen = float("nan"), 0, 0
 
     def save():
@@ -319,24 +320,18 @@ def _loop(cfg, model, train, test, device, out: Path, restore: bool, say, consol
 
     with _StopFlag() as stop, _progress(console, progress, total, step) as bar, open(metrics_path, "a") as metrics:
         while step < total:
-            lr = lr_at(cfg, step, total)
+            lr = lr_at(cfg, step, total, frozen)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout / drop-path: reproducible per step
             idx = _order(len(train), cfg.seed, step * B, min(B, len(train)))
             labels = train.labels[idx].to(device)
-            if step < frozen and frozen_features is not None:  # head only, on the cached embeddings
+            if step < frozen:  # the head alone, on the frozen encoder's embeddings: no encoder gradients or updates
                 logits = model.classify(frozen_features[idx.to(device)])
             else:
-                inputs = _train_inputs(cfg, train, idx, step, crop, device)
-                if step < frozen:  # head only: the encoder as the probe sees it (eval mode, no gradients)
-                    model.student.eval()
-                    with torch.no_grad():
-                        features = model.student.embed(*inputs)
-                    logits = model.classify(features)
-                else:
-                    model.student.train()
-                    logits = model(inputs)
+                frozen_features = None
+                model.student.train()
+                logits = model(_train_inputs(cfg, train, idx, step, crop, device))
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
