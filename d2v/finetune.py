@@ -31,6 +31,13 @@ from d2v import rundir
 from d2v.errors import CheckpointError, ConfigError, DataError
 
 
+# Fine-tuning rates per modality. The post-LN speech and text encoders (wav2vec 2.0 / RoBERTa layout) are
+# fine-tuned far more gently than the pre-LN ViT in data2vec's recipes (speech 3e-5..5e-5, text 1e-5..2e-5, images
+# 4e-3 at batch 1024); measured here, 3e-3 on the speech encoder raises the loss above chance within five updates
+# of the trained head (bench/RESULTS.md).
+DEFAULT_LR = {"vision": 3e-3, "speech": 1e-4, "text": 1e-4}
+
+
 @dataclass
 class FinetuneConfig:
     encoder: str = ""  # a d2v export or run, or a transformers Data2Vec*Model directory
@@ -40,7 +47,8 @@ class FinetuneConfig:
     steps: int = 0  # fine-tuning updates; 0: epochs x (train items / batch size)
     head_epochs: float = 50.0  # passes that first train the head alone on the frozen encoder's embeddings
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 0.0  # peak lr of fine-tuning (top block and head); 0: the modality's (DEFAULT_LR)
+    head_lr: float = 1e-2  # peak lr of the head-only phase (a linear model on standardized features)
     layer_decay: float = 0.9  # lr scale per block below the top (BEiT / data2vec ViT-B use 0.65 over 12 blocks)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1  # of each phase
@@ -107,17 +115,17 @@ def phase_steps(cfg: FinetuneConfig, n_train: int) -> tuple[int, int]:
 
 
 def lr_at(cfg: FinetuneConfig, step: int, total: int, frozen: int = 0) -> float:
-    """Peak-`cfg.lr` warm-up + cosine over the phase that `step` is in: the `frozen` head-only updates, then the
-    rest of the `total`."""
+    """Warm-up + cosine over the phase that `step` is in: the `frozen` head-only updates (peak `cfg.head_lr`), then
+    the rest of the `total` (peak `cfg.lr`)."""
     if step < frozen:
-        total = frozen
+        total, peak = frozen, cfg.head_lr
     else:
-        step, total = step - frozen, total - frozen
+        step, total, peak = step - frozen, total - frozen, cfg.lr
     warmup = int(round(cfg.warmup_fraction * total))
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -125,7 +133,9 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.epochs > 0 and math.isfinite(cfg.epochs), "--epochs must be a positive number"),
         (0 <= cfg.steps <= 10**9, "--steps must be 0 (from --epochs) or a positive integer"),
         (1 <= cfg.batch_size <= 1 << 16, "--batch-size must be from 1 to 65536"),
-        (math.isfinite(cfg.lr) and 0 < cfg.lr <= 10, "--lr must be a positive number of at most 10"),
+        (math.isfinite(cfg.lr) and 0 <= cfg.lr <= 10, "--lr must be a positive number of at most 10 (0: the "
+         "modality's default)"),
+        (math.isfinite(cfg.head_lr) and 0 < cfg.head_lr <= 10, "--head-lr must be a positive number of at most 10"),
         (math.isfinite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
         (math.isfinite(cfg.weight_decay) and 0 <= cfg.weight_decay <= 10, "--weight-decay must be from 0 to 10"),
         (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
@@ -236,6 +246,8 @@ def finetune(cfg: FinetuneConfig, out: Path, resume: bool = False, console=None,
     device = resolve_device(cfg.device)
     model, train, test = _build(cfg)
     model = model.to(device)
+    if not cfg.lr:  # resolved before config.json is written, so a resumed run keeps it
+        cfg = dataclasses.replace(cfg, lr=DEFAULT_LR[model.student.cfg.modality])
     from d2v.train import _open_run
 
     lock, fresh = _open_run(cfg, out, resume, say)  # pretrain's rules: locked, partial saves removed, no overwrite
@@ -254,7 +266,8 @@ def load_config(run_dir: Path) -> FinetuneConfig:
         raise CheckpointError(f"there is no fine-tuning run to resume in {run_dir}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("finetune"), dict):
         raise CheckpointError(f"{run_dir} is not a fine-tuning run directory")
-    saved["finetune"].setdefault("head_epochs", 0.0)  # runs started before the head-only phase existed
+    saved["finetune"].setdefault("head_epochs", 0.0)
+    saved["finetune"].setdefault("head_lr", 1e-2)  # runs started before the head-only phase existed
     return from_dict(FinetuneConfig, saved["finetune"], "finetune.")
 
 

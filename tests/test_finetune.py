@@ -122,14 +122,14 @@ def test_image_folder_crops_come_from_the_original_files(encoder_dir, tmp_path, 
 def test_lr_schedule_restarts_for_the_fine_tuning_phase():
     from d2v.finetune import lr_at, phase_steps
 
-    cfg = FinetuneConfig(lr=1e-3, warmup_fraction=0.1, batch_size=10, head_epochs=5, epochs=15)
+    cfg = FinetuneConfig(lr=1e-3, head_lr=1e-2, warmup_fraction=0.1, batch_size=10, head_epochs=5, epochs=15)
     frozen, tuned = phase_steps(cfg, 100)
     assert (frozen, tuned) == (50, 150) and phase_steps(dataclasses.replace(cfg, steps=7), 100) == (50, 7)
     total = frozen + tuned
     head, rest = [lr_at(cfg, s, total, frozen) for s in range(frozen)], [lr_at(cfg, s, total, frozen)
                                                                          for s in range(frozen, total)]
-    for phase in (head, rest):  # each phase warms up to the peak, then decays towards 0
-        assert max(phase) == pytest.approx(cfg.lr) and phase[0] <= 0.2 * cfg.lr and phase[-1] < 0.01 * cfg.lr
+    for phase, peak in ((head, cfg.head_lr), (rest, cfg.lr)):  # each warms up to its peak, then decays towards 0
+        assert max(phase) == pytest.approx(peak) and phase[0] <= 0.2 * peak and phase[-1] < 0.01 * peak
     assert rest[0] < head[len(head) // 2]  # the encoder's first updates come at a low learning rate
     assert phase_steps(dataclasses.replace(cfg, head_epochs=0, epochs=0.001), 100) == (0, 1)  # never 0 updates
     curve = [lr_at(cfg, s, 200) for s in range(200)]  # no head phase: one warm-up + cosine
@@ -183,11 +183,17 @@ def test_head_standardizes_with_the_training_embeddings(encoder_dir, tmp_path):
     x = torch.from_numpy(features(enc.eval(), load_labelled("digits", enc, "train")))
     torch.testing.assert_close(weights["feature_mean"], x.mean(0).float())
     torch.testing.assert_close(weights["feature_std"], x.std(0, correction=0).float())
+    from d2v.finetune import DEFAULT_LR
+
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["finetune"]
+    assert saved["lr"] == DEFAULT_LR["vision"]  # lr 0 resolved to the modality's, and saved so resume keeps it
 
 
-def test_head_epochs_is_validated_and_documented(encoder_dir, tmp_path):
-    for bad in ("-1", "1e9", "nan"):
-        result = runner.invoke(app, ["finetune", str(encoder_dir), "--out", str(tmp_path / "x"), "--head-epochs", bad])
-        assert result.exit_code == 2 and "--head-epochs" in result.output, result.output
+def test_head_phase_flags_are_validated_and_documented(encoder_dir, tmp_path):
+    for flag, bad in (("--head-epochs", "-1"), ("--head-epochs", "1e9"), ("--head-epochs", "nan"),
+                      ("--head-lr", "0"), ("--head-lr", "inf"), ("--lr", "-1")):
+        result = runner.invoke(app, ["finetune", str(encoder_dir), "--out", str(tmp_path / "x"), flag, bad])
+        assert result.exit_code == 2 and flag in result.output, result.output
         assert not (tmp_path / "x").exists()
-    assert "--head-epochs" in runner.invoke(app, ["finetune", "--help"]).output
+    help_text = runner.invoke(app, ["finetune", "--help"]).output
+    assert "--head-epochs" in help_text and "--head-lr" in help_text
