@@ -8,7 +8,13 @@ mean of the top 3 layers, block masks of up to 60% of the patches, AdamW, EMA by
 
 d2v runs as `d2v pretrain` on random 32 px RGB images (its figure includes data loading and masking); birder runs
 its model's training step (forward, backward, AdamW, EMA) on random tensors and pre-made masks, without loading or
-masking, as in the issue's first measurement. Each figure is samples/s over the steps after a warm-up."""
+masking, as in the issue's first measurement. Each figure is samples/s over the steps after a warm-up.
+
+--recipe v2 compares d2v's data2vec 2.0 with birder's data2vec2 on the same backbone and batch, with the values of
+birder's train_data2vec2 script: 8 masked clones per image, inverse block masks (80% masked, blocks of 3 x 3
+kept, ratio adjust 0.07), decoder of 6 grouped 3 x 3 convs (16 groups) of width 768, CLS loss weight 0.01, targets
+the instance-normed, averaged end-of-block outputs of the top 3 layers (birder's 10 exceeds the depth of 6), then
+layer norm. samples/s counts images, not clones, for both."""
 from __future__ import annotations
 
 import json
@@ -24,14 +30,29 @@ from .pretrain import command, samples_per_s
 
 CONFIG = {"image_size": 32, "in_chans": 3, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3, "batch": 64,
           "top_k": 3, "mask_ratio": 0.6}
+# data2vec 2.0 on the same backbone (birder's train_data2vec2 defaults; see the module docstring)
+CONFIG_V2 = {**CONFIG, "mask_ratio": 0.8, "clones": 8, "block_size": 3, "mask_adjust": 0.07, "decoder_dim": 768,
+             "decoder_layers": 6, "decoder_kernel": 3, "decoder_groups": 16, "cls_loss": 0.01}
 
 
-def d2v_args(steps: int, data: Path) -> list[str]:
-    c = CONFIG
+def config(recipe: str) -> dict:
+    return CONFIG_V2 if recipe == "v2" else CONFIG
+
+
+def d2v_args(steps: int, data: Path, recipe: str = "v1") -> list[str]:
+    c = config(recipe)
     sets = {"model.patch_size": c["patch_size"], "model.dim": c["dim"], "model.depth": c["depth"],
             "model.num_heads": c["heads"], "targets.top_k": c["top_k"], "mask.ratio": c["mask_ratio"],
             "run.log_every": max(1, steps // 6), "run.checkpoint_minutes": 0}
+    if recipe == "v2":
+        sets.update({"mask.clones": c["clones"], "mask.block_size": c["block_size"],
+                     "mask.adjust": c["mask_adjust"], "decoder.dim": c["decoder_dim"],
+                     "decoder.depth": c["decoder_layers"], "decoder.kernel": c["decoder_kernel"],
+                     "decoder.groups": c["decoder_groups"], "targets.cls_loss": c["cls_loss"],
+                     "targets.layer": "block"})
     args = ["--modality", "vision", "--data", str(data), "--steps", str(steps), "--batch-size", str(c["batch"])]
+    if recipe == "v2":
+        args += ["--recipe", "v2"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     return args
@@ -75,24 +96,36 @@ if spec is not None:  # a torchvision wheel built for CUDA torch has ops this CP
             lib.define(f"{name}({args}) -> {outs}")
 import warnings
 warnings.filterwarnings("ignore")
-from birder.common.masking import BlockMasking
+from birder.common.masking import BlockMasking, FixedSizeBlockMasking
 from birder.net.ssl.data2vec import Data2Vec
+from birder.net.ssl.data2vec2 import Data2Vec2
 from birder.net.vit import ViT
 
+recipe = sys.argv[4] if len(sys.argv) > 4 else "v1"
 torch.manual_seed(0)
 size = (c["image_size"], c["image_size"])
 vit = ViT(c["in_chans"], 0, size=size, config={"patch_size": c["patch_size"], "num_layers": c["depth"],
           "num_heads": c["heads"], "hidden_dim": c["dim"], "mlp_dim": 4 * c["dim"], "drop_path_rate": 0.0})
-net = Data2Vec(vit, config={"normalize_targets": True, "average_top_k_layers": c["top_k"], "loss_beta": 2.0}, size=size)
+grid = c["image_size"] // c["patch_size"]
+if recipe == "v2":
+    net = Data2Vec2(vit, config={"average_top_k_layers": c["top_k"], "decoder_dim": c["decoder_dim"],
+                                 "decoder_kernel_size": c["decoder_kernel"], "decoder_layers": c["decoder_layers"],
+                                 "clone_batch": c["clones"], "cls_loss_weight": c["cls_loss"]}, size=size)
+    masking = FixedSizeBlockMasking((grid, grid), mask_ratio=c["mask_ratio"], block_size=c["block_size"],
+                                    mask_ratio_adjust=c["mask_adjust"], inverse_mask=True)
+    n_masks = c["batch"] * c["clones"]  # one mask per clone, as birder's TrainTransform makes them
+else:
+    net = Data2Vec(vit, config={"normalize_targets": True, "average_top_k_layers": c["top_k"], "loss_beta": 2.0},
+                   size=size)
+    masking = BlockMasking((grid, grid), min_num_patches=16, max_num_patches=int(grid * grid * c["mask_ratio"]),
+                           min_aspect=0.33, max_aspect=3.33)
+    n_masks = c["batch"]
 net.ema_backbone.eval()
 for p in net.ema_backbone.parameters():
     p.requires_grad_(False)
-grid = c["image_size"] // c["patch_size"]
-masking = BlockMasking((grid, grid), min_num_patches=16, max_num_patches=int(grid * grid * c["mask_ratio"]),
-                       min_aspect=0.33, max_aspect=3.33)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
 x = torch.rand(c["batch"], c["in_chans"], *size)
-masks = [masking(c["batch"]) for _ in range(4)]
+masks = [masking(n_masks) for _ in range(4)]
 net.train()
 t0 = None
 for i in range(warmup + steps):
@@ -117,8 +150,9 @@ def birder_available(python: str) -> str:
     return "birder is not installed there" if proc.returncode == 3 else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def run_birder(python: str, steps: int, warmup: int, env: dict) -> float:
-    proc = subprocess.run([python, "-c", BIRDER_STEP, str(steps), str(warmup), json.dumps(CONFIG)], env=env,
+def run_birder(python: str, steps: int, warmup: int, env: dict, recipe: str = "v1") -> float:
+    proc = subprocess.run([python, "-c", BIRDER_STEP, str(steps), str(warmup), json.dumps(config(recipe)), recipe],
+                          env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -130,17 +164,15 @@ def run(peer_python: str | None, steps: int = 30, repeats: int = 3, warmup: int 
         on_row=None) -> dict:
     """Alternate d2v and birder runs `repeats` times; medians and their ratio (d2v / birder)."""
     why = birder_available(peer_python) if peer_python else "no --peer-python given"
-    if recipe != "v1":  # birder's data2vec2 step is not written here: compare like with like or not at all
-        why = "the harness runs birder's data2vec (v1) step only"
+    if recipe not in ("v1", "v2"):
+        raise ValueError(f"recipe must be v1 or v2, got {recipe!r}")
     env = dict(os.environ)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_images(Path(tmp) / "images32.npy")
         for rep in range(repeats):
             out = Path(tmp) / f"d2v-{rep}"
-            args = [*d2v_args(steps, data), "--out", str(out), "--no-progress"]
-            if recipe != "v1":
-                args += ["--recipe", recipe]
+            args = [*d2v_args(steps, data, recipe), "--out", str(out), "--no-progress"]
             proc = subprocess.run(command(1, args), env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -151,13 +183,13 @@ def run(peer_python: str | None, steps: int = 30, repeats: int = 3, warmup: int 
                 on_row(rows[-1])
             if not why:
                 rows.append({"impl": "birder", "repeat": rep,
-                             "samples_per_s": run_birder(peer_python, steps, max(2, steps // 6), env)})
+                             "samples_per_s": run_birder(peer_python, steps, max(2, steps // 6), env, recipe)})
                 if on_row:
                     on_row(rows[-1])
     med = {impl: statistics.median(r["samples_per_s"] for r in rows if r["impl"] == impl)
            for impl in ("d2v", "birder") if any(r["impl"] == impl for r in rows)}
     ratio = med["d2v"] / med["birder"] if "birder" in med else None
-    meta = {"config": CONFIG, "recipe": recipe, "steps": steps, "repeats": repeats, "cpu_count": os.cpu_count(),
+    meta = {"config": config(recipe), "recipe": recipe, "steps": steps, "repeats": repeats, "cpu_count": os.cpu_count(),
             "peer": "birder" if not why else None, "peer_missing": why or None, "date": time.strftime("%Y-%m-%d"),
             "threads_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}}
     return {"meta": meta, "rows": rows, "median_samples_per_s": med, "ratio_d2v_over_birder": ratio}

@@ -176,3 +176,28 @@ def test_peer_harness_runs_d2v_at_birders_config(tmp_path):
 
     if importlib.util.find_spec("birder") is None:
         assert birder_available(sys.executable)  # a reason, not a crash
+
+
+def test_peer_harness_v2_resolves_to_birders_data2vec2_config(tmp_path):
+    """`d2v bench peer --recipe v2`: d2v's v2 run gets birder's data2vec2 values (clones, inverse blocks, decoder,
+    CLS weight, end-of-block targets) on the same backbone and batch."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from d2v.bench.peer import CONFIG, CONFIG_V2, d2v_args, write_images
+    from d2v.cli import app
+
+    data = write_images(tmp_path / "images.npy", n=8)
+    result = CliRunner().invoke(app, ["pretrain", *d2v_args(12, data, "v2"), "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.stdout[result.stdout.index("{"):])
+    c = CONFIG_V2
+    assert cfg["recipe"] == "v2" and cfg["model"]["dim"] == CONFIG["dim"] and cfg["model"]["depth"] == CONFIG["depth"]
+    assert (cfg["mask"]["kind"], cfg["mask"]["ratio"], cfg["mask"]["clones"], cfg["mask"]["block_size"]) == (
+        "inverse_block", c["mask_ratio"], c["clones"], c["block_size"])
+    d = cfg["decoder"]
+    assert (d["dim"], d["depth"], d["kernel"], d["groups"]) == (c["decoder_dim"], c["decoder_layers"],
+                                                                c["decoder_kernel"], c["decoder_groups"])
+    assert cfg["targets"]["cls_loss"] == c["cls_loss"] and cfg["targets"]["layer"] == "block"
+    assert cfg["run"]["batch_size"] == CONFIG["batch"] and cfg["targets"]["top_k"] == CONFIG["top_k"]

@@ -390,3 +390,24 @@ def test_v2_config_errors_are_one_sentence():
     for modality in ("vision", "speech", "text"):
         for size in ("tiny", "small", "base", "large"):
             validate_config(preset_config(modality, size, recipe="v2"), memory=False)
+
+
+def test_position_noise_is_standard_normal_and_split_invariant():
+    """The decoder's fill noise: about N(0, 1) (mean, std, kurtosis, no correlation between neighbours), and
+    element (row, t, d) depends on (seed, global clone index, t, d) only: a batch split at any sample or padded
+    to any length gives the same values; another seed gives other values."""
+    from d2v.objective import position_noise
+
+    seed = int(torch.randint(0, 2**31, ()))
+    full = position_noise(seed, 0, 4, (24, 9, 40), "cpu").double()
+    flat = full.flatten()
+    assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
+    assert abs(((flat - flat.mean()) ** 4).mean() / flat.var() ** 2 - 3) < 0.15
+    for a, b in ((full[:, :, 1:], full[:, :, :-1]), (full[:, 1:], full[:, :-1]), (full[1:], full[:-1])):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.03
+    split = int(torch.randint(1, 6, ()))  # samples of 4 clones each
+    head = position_noise(seed, 0, 4, (4 * split, 9, 40), "cpu").double()
+    tail = position_noise(seed, split, 4, (24 - 4 * split, 13, 40), "cpu").double()  # padded to 13 steps
+    torch.testing.assert_close(torch.cat([head, tail[:, :9]]), full, rtol=0, atol=0)
+    other = position_noise(seed + 1, 0, 4, (24, 9, 40), "cpu").double()
+    assert (other - full).abs().mean() > 0.5
