@@ -362,14 +362,19 @@ def finetune(
     data: str = typer.Option("digits", help="Labelled data, as d2v probe takes it (built-in, class folders, .npz)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/finetune-<time>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning run in --out."),
-    epochs: float = typer.Option(60.0, help="Passes over the training split (ignored with --steps)."),
-    steps: int = typer.Option(0, help="Optimizer updates (0: from --epochs)."),
+    epochs: float = typer.Option(60.0, help="Passes that fine-tune the whole model (ignored with --steps)."),
+    steps: int = typer.Option(0, help="Fine-tuning updates after the head-only ones (0: from --epochs)."),
     batch_size: int = typer.Option(64, help="Samples per update."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate of the top layer and the head."),
+    lr: float = typer.Option(0.0, help="Peak fine-tuning learning rate of the top block and the head (0: the "
+                             "modality's: vision 3e-3, speech and text 1e-4)."),
+    head_lr: float = typer.Option(1e-2, help="Peak learning rate of the head-only phase (--head-epochs)."),
     layer_decay: float = typer.Option(0.9, help="Learning-rate factor per block below the top (1: none; "
                                       "BEiT/data2vec ViT-B fine-tuning: 0.65 over 12 blocks)."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, tokens)."),
     label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
+    head_epochs: float = typer.Option(50.0, help="Passes that first train the head alone on the frozen encoder's "
+                                      "embeddings (computed once, un-augmented) before --epochs fine-tune all of it "
+                                      "(LP-FT; 0: fine-tune all from the start)."),
     holdout: Optional[str] = typer.Option(None, help="Speech: globs of the files to test on, as d2v probe."),
     random_init: bool = typer.Option(False, "--random-init", help="Fine-tune the untrained architecture (baseline)."),
     seed: int = typer.Option(0, help="Seed for the head, the order and the crops."),
@@ -389,7 +394,8 @@ def finetune(
     out = out or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = FinetuneConfig(encoder=str(encoder.expanduser().resolve()), data=_resolve_source(data), holdout=holdout or "",
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
-                         weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing,
+                         head_epochs=head_epochs, head_lr=head_lr, seed=seed,
                          random_init=random_init, device=device)
     summary = run_finetune(cfg, out, resume=resume, console=console, progress=progress)
     if summary.complete:
