@@ -39,21 +39,23 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def normal_init_(tensor: torch.Tensor, std: float, trunc: float = 0.0) -> None:
+    """Normal(0, std) in place, cut at +-trunc * std when trunc > 0 (else untruncated)."""
+    if trunc > 0:
+        nn.init.trunc_normal_(tensor, std=std, a=-trunc * std, b=trunc * std)
+    else:
+        nn.init.normal_(tensor, std=std)
+
+
 def init_transformer_weights(module: nn.Module, std: float = 0.02, trunc: float = 0.0) -> None:
     """Normal(0, std) linear/conv/embedding weights, cut at +-trunc * std when trunc > 0 (else untruncated, as
     BERT / RoBERTa's init), zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-        if trunc > 0:
-            nn.init.trunc_normal_(module.weight, std=std, a=-trunc * std, b=trunc * std)
-        else:
-            nn.init.normal_(module.weight, std=std)
+        normal_init_(module.weight, std, trunc)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        if trunc > 0:
-            nn.init.trunc_normal_(module.weight, std=std, a=-trunc * std, b=trunc * std)
-        else:
-            nn.init.normal_(module.weight, std=std)
+        normal_init_(module.weight, std, trunc)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import VisionModelConfig
-from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights, run_blocks
+from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights, normal_init_, run_blocks
 
 INIT_STD = 0.02
 
@@ -146,11 +146,7 @@ class VisionEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.apply(self.init_weights)
         for token in (self.cls_token, self.mask_token):
-            if cfg.init_trunc > 0:
-                cut = cfg.init_trunc * INIT_STD
-                nn.init.trunc_normal_(token, std=INIT_STD, a=-cut, b=cut)
-            else:
-                nn.init.normal_(token, std=INIT_STD)
+            normal_init_(token, INIT_STD, cfg.init_trunc)
         for i, block in enumerate(self.blocks, start=1):  # BEiT: shrink residual branches with depth
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
