@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's checks and figures in a single command, sized for a lease of a few minutes: everything
-# bench/run_gpu.sh does plus end-to-end `d2v pretrain` runs on the GPU, overlapped where that cannot distort a
-# timing, each step bounded by what is left of a global deadline. Run from the repository root:
+# One GPU session's checks and figures in a single command, sized for a lease of a few minutes: the offline
+# install, the GPU tests, the kernel benchmark and end-to-end `d2v pretrain` runs on the GPU, overlapped where
+# that cannot distort a timing, each step bounded by what is left of a global deadline. Run from the repository root:
 #
 #     bench/gpu_session.sh OUT_DIR [SECONDS]     # SECONDS: the whole budget (default 520)
 #

@@ -53,7 +53,7 @@ def test_vit_parameter_counts():
 
 
 def test_jsonl_rows_are_written_as_measured(tmp_path):
-    """--jsonl appends a meta line, then one line per measured row (what bench/run_gpu.sh collects)."""
+    """--jsonl appends a meta line, then one line per measured row (what bench/gpu_session.sh collects)."""
     out = tmp_path / "rows.jsonl"
     args = ["kernels", "--quick", "--device", "cpu", "--ops", "ema", "--case", "bf16", "--runs", "1",
             "--jsonl", str(out)]
