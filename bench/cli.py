@@ -336,3 +336,37 @@ def recipes(
         argv = sys.argv[sys.argv.index("recipes") + 1:] if "recipes" in sys.argv else []
         result["command"] = shlex.join(["d2v", "bench", "recipes", *argv])
         _write_json(console, json_path, result)
+
+
+@app.command("text-ceiling")
+def text_ceiling(
+    encoders: List[str] = typer.Argument(..., help="d2v text exports (the first one's tokenizer is used), e.g. the "
+                                         "default run's and the same after --steps 1."),
+    corpus: str = typer.Option("pydoc", "--corpus", help="Pretraining corpus the PPMI word vectors are learnt on."),
+    dims: str = typer.Option("128,512", "--dims", help="Comma-separated feature widths of the word-level rows."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Ceilings of the fortunes text probe: TF-IDF, random and corpus-learnt word vectors (mean-pooled), and a
+    word-order probe (original vs word-shuffled fortunes) of each encoder."""
+    from d2v.errors import UserError
+
+    from .text_ceiling import run
+
+    console = Console()
+    try:
+        widths = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        console.print(f"[red]error:[/red] --dims must be comma-separated integers, got {dims!r}")
+        raise typer.Exit(2)
+    try:
+        result = run(encoders, corpus=corpus, dims=widths,
+                     on_row=lambda name, acc, note: console.print(f"  {name}: {acc:.4f}" + (f" ({note})" if note
+                                                                                             else ""),
+                                                                  highlight=False))
+    except (UserError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    if json_path is not None:
+        argv = sys.argv[sys.argv.index("text-ceiling") + 1:] if "text-ceiling" in sys.argv else []
+        result["meta"]["command"] = shlex.join(["d2v", "bench", "text-ceiling", *argv])
+        _write_json(console, json_path, result)

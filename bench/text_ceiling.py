@@ -13,14 +13,10 @@ regression, C = 1):
 - `order <encoder>`: for each encoder given, a second probe that depends on word order, not on which words occur:
   original fortunes against the same texts with their words shuffled (binary, balanced).
 
-    python -m bench.text_ceiling RUN_EXPORT [MORE_EXPORTS...] [--corpus pydoc] [--dims 128 512] [--json OUT]
+    d2v bench text-ceiling EXPORT [MORE_EXPORTS...] [--corpus pydoc] [--dims 128,512] [--json OUT]
 
 The first export's tokenizer is used for the word-level rows; every export gets its own `order` row."""
 from __future__ import annotations
-
-import argparse
-import json
-import sys
 
 import numpy as np
 import torch
@@ -96,18 +92,17 @@ def order_probe(path: str, seed: int = 0) -> float:
     return probe(*split["train"], *split["test"])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("encoders", nargs="+", help="d2v text exports (the first one's tokenizer is used)")
-    parser.add_argument("--corpus", default="pydoc", help="the pretraining corpus the PPMI vectors are learnt on")
-    parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def run(encoders: list[str], corpus: str = "pydoc", dims: tuple[int, ...] = (128, 512), on_row=None) -> dict:
+    """{"results": {name: accuracy}, "meta": ...}; on_row(name, accuracy, note) is called as each row is ready."""
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.linear_model import LogisticRegression
 
     from d2v.data.text import load_labelled_text, read_corpus, special_ids
     from d2v.export import load_encoder
 
-    encoder = load_encoder(args.encoders[0])
+    encoder = load_encoder(encoders[0])
+    if encoder.cfg.modality != "text":
+        raise ValueError(f"{encoders[0]} is a {encoder.cfg.modality} encoder; give d2v text exports")
     tok, length = encoder.tokenizer, encoder.cfg.max_length
     vocab = tok.get_vocab_size()
     train, test = (load_labelled_text("fortunes", s, tok, length) for s in ("train", "test"))
@@ -115,35 +110,26 @@ def main(argv: list[str] | None = None) -> dict:
     bow_train, bow_test = counts(token_rows(train, length), vocab), counts(token_rows(test, length), vocab)
     results: dict[str, float] = {}
 
-    from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.linear_model import LogisticRegression
+    def row(name: str, accuracy: float, note: str = "") -> None:
+        results[name] = accuracy
+        if on_row is not None:
+            on_row(name, accuracy, note)
 
     tfidf = TfidfTransformer().fit(bow_train)
     clf = LogisticRegression(max_iter=3000, C=10.0).fit(tfidf.transform(bow_train), y_train)
-    results["tfidf"] = float(clf.score(tfidf.transform(bow_test), y_test))
-    print(f"tfidf (all {vocab} tokens): {results['tfidf']:.4f}", flush=True)
+    row("tfidf", float(clf.score(tfidf.transform(bow_test), y_test)), f"all {vocab} token counts")
 
     specials = special_ids(tok).all
-    corpus = [np.asarray(e.ids) for e in tok.encode_batch(read_corpus(args.corpus).docs, add_special_tokens=False)]
-    corpus = [s[~np.isin(s, specials)] for s in corpus]
-    for dim in args.dims:
+    sequences = [np.asarray(e.ids) for e in tok.encode_batch(read_corpus(corpus).docs, add_special_tokens=False)]
+    sequences = [s[~np.isin(s, specials)] for s in sequences]
+    for dim in dims:
         table = np.random.default_rng(0).standard_normal((vocab, dim))
-        key = f"random_mean_{dim}"
-        results[key] = probe(mean_embedding(bow_train, table), y_train, mean_embedding(bow_test, table), y_test)
-        print(f"{key}: {results[key]:.4f}", flush=True)
-        table = ppmi_svd(corpus, vocab, dim)
-        key = f"ppmi_svd_{dim}"
-        results[key] = probe(mean_embedding(bow_train, table), y_train, mean_embedding(bow_test, table), y_test)
-        print(f"{key} ({args.corpus}, {sum(map(len, corpus))} tokens): {results[key]:.4f}", flush=True)
-    for path in args.encoders:
-        results[f"order {path}"] = order_probe(path)
-        print(f"order {path}: {results[f'order {path}']:.4f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"corpus": args.corpus, "command": "python -m bench.text_ceiling " + " ".join(sys.argv[1:]),
-                       "results": results}, f, indent=1)
-    return results
-
-
-if __name__ == "__main__":
-    main()
+        row(f"random_mean_{dim}", probe(mean_embedding(bow_train, table), y_train, mean_embedding(bow_test, table),
+                                        y_test))
+        table = ppmi_svd(sequences, vocab, dim)
+        row(f"ppmi_svd_{dim}", probe(mean_embedding(bow_train, table), y_train, mean_embedding(bow_test, table),
+                                     y_test), f"{corpus}, {sum(map(len, sequences))} tokens")
+    for path in encoders:
+        row(f"order {path}", order_probe(path), "original vs word-shuffled fortunes")
+    return {"results": results, "meta": {"corpus": corpus, "dims": list(dims), "encoders": list(encoders),
+                                         "n_train": len(train), "n_test": len(test)}}

@@ -66,3 +66,44 @@ def test_jsonl_rows_are_written_as_measured(tmp_path):
     assert all(r["speedup_vs_foreach"] is not None for r in rows)
     CliRunner().invoke(app, args)  # a second step appends: earlier rows are kept
     assert len(out.read_text().splitlines()) > len(lines)
+
+
+def test_text_ceiling_word_vectors_follow_cooccurrence():
+    """PPMI + SVD puts tokens that share contexts together: two disjoint 'topics' of tokens, each sequence drawn from
+    one topic, give vectors whose within-topic cosine beats the cross-topic one; the mean embedding divides by the
+    token count and leaves empty rows at zero."""
+    import numpy as np
+
+    from d2v.bench.text_ceiling import counts, mean_embedding, ppmi_svd
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    vocab, topics = 12, [np.arange(0, 6), np.arange(6, 12)]
+    sequences = [rng.choice(topics[i % 2], size=int(rng.integers(8, 30))) for i in range(400)]
+    vectors = ppmi_svd(sequences, vocab, dim=4)
+    assert vectors.shape == (vocab, 4)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = np.mean([cos[i, j] for t in topics for i in t for j in t if i != j])
+    cross = np.mean([cos[i, j] for i in topics[0] for j in topics[1]])
+    assert same > cross + 0.5
+    bow = counts([np.array([0, 0, 3]), np.array([], dtype=np.int64)], vocab)
+    assert bow[0, 0] == 2 and bow[0, 3] == 1 and bow.sum() == 3
+    pooled = mean_embedding(bow, vectors)
+    assert np.allclose(pooled[0], (2 * vectors[0] + vectors[3]) / 3) and np.allclose(pooled[1], 0)
+
+
+def test_text_ceiling_errors_are_one_line(tmp_path):
+    """A missing export, a vision export and bad --dims: one error line and a non-zero exit, nothing else run."""
+    from conftest import tiny_config
+
+    from d2v.export import export_checkpoint
+    from d2v.train import pretrain
+
+    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "error" in result.output
+    pretrain(tiny_config(**{"run.steps": 1}), out=tmp_path / "run", progress=False)
+    export_checkpoint(tmp_path / "run", tmp_path / "enc", hf=False)
+    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "enc")])
+    assert result.exit_code == 1 and "vision encoder; give d2v text exports" in result.output
+    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "enc"), "--dims", "12x"])
+    assert result.exit_code == 2 and "--dims" in result.output
