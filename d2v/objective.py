@@ -58,13 +58,17 @@ def _mix32(x: torch.Tensor, mult: int) -> torch.Tensor:
 
 
 def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, int], device,
-                   dtype=torch.float32) -> torch.Tensor:
+                   dtype=torch.float32, chunk_elements: int | None = None) -> torch.Tensor:
     """N(0, 1) noise of shape (B * clones, T, D) whose element (row, t, d) is a function of (seed, global clone
     index first * clones + row, t, d) alone: the same however a batch is split over processes and micro-batches
     and however long its padded sequences are. Counter-based: (row, t) and d are hashed separately on the small
     (B * clones, T) and (D,) grids, two independent keys each; every element then costs one xor and one
     multiply-xorshift round per uniform (the full three-round hash of every element took 12% of a v2 image step
-    on the CPU); Box-Muller turns the two uniforms into a normal value."""
+    on the CPU); Box-Muller turns the two uniforms into a normal value.
+
+    On the CPU the elements are made a few rows at a time (about chunk_elements, default 2^16, per pass) so that the
+    dozen int64 temporaries stay in cache: (512, 64, 768) in 0.35 s instead of 1.7 s (2 threads, idle), and
+    bit-identical to it. On a GPU one pass (chunk_elements 0) avoids a launch per chunk."""
     B2, T, D = shape
     salt = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
     rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones
@@ -73,9 +77,21 @@ def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, in
     col = _hash32(torch.arange(D, device=device, dtype=torch.int64) + 0x9E3779B9)  # (D,)
     k1, k2 = key[:, :, None], _hash32(key ^ 0x1B873593)[:, :, None]
     c1, c2 = col[None, None], _hash32(col ^ 0x68E31DA4)[None, None]
-    u1 = (_mix32(k1 ^ c1, 0x5BD1E995).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
-    u2 = _mix32(k2 ^ c2, 0x27D4EB2F).to(torch.float32) * (1.0 / 4294967296.0)  # [0, 1)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+    def normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        u1 = (_mix32(a ^ c1, 0x5BD1E995).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
+        u2 = _mix32(b ^ c2, 0x27D4EB2F).to(torch.float32) * (1.0 / 4294967296.0)  # [0, 1)
+        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+    if chunk_elements is None:
+        chunk_elements = 0 if torch.device(device).type == "cuda" else 1 << 16
+    rows_per = B2 if chunk_elements <= 0 else max(1, chunk_elements // max(1, T * D))
+    if rows_per >= B2:
+        return normal(k1, k2).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for start in range(0, B2, rows_per):
+        out[start:start + rows_per] = normal(k1[start:start + rows_per], k2[start:start + rows_per])
+    return out
 
 
 def ema_decay(cfg: EMAConfig, step: int) -> float:

@@ -411,3 +411,21 @@ def test_position_noise_is_standard_normal_and_split_invariant():
     torch.testing.assert_close(torch.cat([head, tail[:, :9]]), full, rtol=0, atol=0)
     other = position_noise(seed + 1, 0, 4, (24, 9, 40), "cpu").double()
     assert (other - full).abs().mean() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_position_noise_chunks_are_bit_identical(dtype):
+    """The CPU path makes the noise a few rows at a time: any chunk size (one row, an uneven split, more than the
+    whole) gives exactly the one-pass values, in the requested dtype."""
+    from d2v.objective import position_noise
+
+    seed, first = int(torch.randint(0, 2**31, ())), int(torch.randint(0, 50, ()))
+    shape = (int(torch.randint(5, 40, ())), int(torch.randint(1, 17, ())), int(torch.randint(1, 70, ())))
+    whole = position_noise(seed, first, 4, shape, "cpu", dtype=dtype, chunk_elements=0)
+    assert whole.dtype == dtype and whole.shape == shape
+    per_row = shape[1] * shape[2]
+    for chunk in (1, per_row, per_row * int(torch.randint(2, 7, ())) + 1, per_row * shape[0] * 2):
+        got = position_noise(seed, first, 4, shape, "cpu", dtype=dtype, chunk_elements=chunk)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, whole, rtol=0, atol=0)
+    torch.testing.assert_close(position_noise(seed, first, 4, shape, "cpu", dtype=dtype), whole, rtol=0, atol=0)
