@@ -19,7 +19,6 @@ The first export's tokenizer is used for the word-level rows; every export gets 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def token_rows(dataset, max_length: int) -> list[np.ndarray]:
@@ -69,13 +68,12 @@ def mean_embedding(bow: np.ndarray, table: np.ndarray) -> np.ndarray:
     return bow @ table / np.maximum(bow.sum(1, keepdims=True), 1.0)
 
 
-@torch.no_grad()
-def order_probe(path: str, seed: int = 0) -> float:
-    """Original fortunes vs their word-shuffled copies, on the encoder's mean-pooled features."""
-    from d2v.data.text import load_labelled_text, tokenize
-    from d2v.export import load_encoder
+def order_probe(encoder, seed: int = 0) -> float:
+    """Original fortunes vs their word-shuffled copies, on the encoder's mean-pooled features (d2v.probe.features)."""
+    from d2v.data.text import LabelledText, load_labelled_text
+    from d2v.probe import features
 
-    encoder = load_encoder(path).eval()
+    encoder = encoder.eval()
     rng = np.random.default_rng(seed)
     split = {}
     for name in ("train", "test"):
@@ -86,9 +84,9 @@ def order_probe(path: str, seed: int = 0) -> float:
             words = d.split()
             rng.shuffle(words)
             shuffled.append(" ".join(words))
-        feats = [torch.cat([encoder.embed(tokenize(encoder.tokenizer, group[i:i + 256], encoder.cfg.max_length)[0])
-                            for i in range(0, len(group), 256)]).double().numpy() for group in (docs, shuffled)]
-        split[name] = (np.concatenate(feats), np.r_[np.zeros(len(docs)), np.ones(len(docs))])
+        both = LabelledText(docs + shuffled, np.r_[np.zeros(len(docs)), np.ones(len(docs))].astype(np.int64),
+                            ["original", "shuffled"], encoder.tokenizer, encoder.cfg.max_length)
+        split[name] = (features(encoder, both), both.labels.numpy())
     return probe(*split["train"], *split["test"])
 
 
@@ -129,7 +127,8 @@ def run(encoders: list[str], corpus: str = "pydoc", dims: tuple[int, ...] = (128
         table = ppmi_svd(sequences, vocab, dim)
         row(f"ppmi_svd_{dim}", probe(mean_embedding(bow_train, table), y_train, mean_embedding(bow_test, table),
                                      y_test), f"{corpus}, {sum(map(len, sequences))} tokens")
-    for path in encoders:
-        row(f"order {path}", order_probe(path), "original vs word-shuffled fortunes")
+    for i, path in enumerate(encoders):
+        row(f"order {path}", order_probe(encoder if i == 0 else load_encoder(path)),
+            "original vs word-shuffled fortunes")
     return {"results": results, "meta": {"corpus": corpus, "dims": list(dims), "encoders": list(encoders),
                                          "n_train": len(train), "n_test": len(test)}}

@@ -266,8 +266,8 @@ def load_config(run_dir: Path) -> FinetuneConfig:
         raise CheckpointError(f"there is no fine-tuning run to resume in {run_dir}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("finetune"), dict):
         raise CheckpointError(f"{run_dir} is not a fine-tuning run directory")
-    saved["finetune"].setdefault("head_epochs", 0.0)
-    saved["finetune"].setdefault("head_lr", 1e-2)  # runs started before the head-only phase existed
+    saved["finetune"].setdefault("head_epochs", 0.0)  # runs started before the head-only phase existed
+    saved["finetune"].setdefault("head_lr", 1e-2)
     return from_dict(FinetuneConfig, saved["finetune"], "finetune.")
 
 
