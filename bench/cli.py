@@ -370,3 +370,44 @@ def text_ceiling(
         argv = sys.argv[sys.argv.index("text-ceiling") + 1:] if "text-ceiling" in sys.argv else []
         result["meta"]["command"] = shlex.join(["d2v", "bench", "text-ceiling", *argv])
         _write_json(console, json_path, result)
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="JSON list of runs (see bench/sweep.py): name, modality, steps, probe, "
+                                "and optionally recipe, checkpoints, set, args, weights, max_train, holdout."),
+    out: Path = typer.Option(..., "--out", help="Working folder: runs/ and encoders/ of every run go here."),
+    results: Optional[Path] = typer.Option(None, "--results", help="JSON lines, one per run as it finishes "
+                                           "(default: OUT/sweep.jsonl); appended to, never overwritten."),
+    device: str = typer.Option("cpu", "--device", help="Device of the pretraining runs and the probes."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at a time (e.g. 8 on one GPU)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="OMP_NUM_THREADS of each pretraining run."),
+    seconds: float = typer.Option(0.0, "--seconds", min=0.0, help="Stop after this long (0: no limit): runs not "
+                                  "started are skipped, a pretraining still going is stopped."),
+) -> None:
+    """Quality sweep: pretrain each spec entry, probe every checkpoint (student, teacher), one JSON line per run."""
+    from d2v.errors import UserError
+
+    from .sweep import load_spec, sweep as run_sweep
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    try:
+        runs = load_spec(spec)
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+
+    def show(record: dict) -> None:
+        if "error" in record:
+            console.print(f"{record['name']}: [red]{record['error']}[/red]", highlight=False, soft_wrap=True)
+            return
+        cells = ", ".join(f"{r['step']}: " + " / ".join(f"{r[w]:.3f}" for w in ("student", "teacher") if w in r)
+                          for r in record["rows"])
+        console.print(f"{record['name']} ({record['pretrain_s']:.0f} s): {cells}", highlight=False, soft_wrap=True)
+
+    records = run_sweep(runs, out, results or out / "sweep.jsonl", device, parallel, threads, seconds, on_record=show)
+    failed = [r["name"] for r in records if "error" in r]
+    console.print(f"{len(records) - len(failed)} of {len(records)} runs probed; results in "
+                  f"{results or out / 'sweep.jsonl'}")
+    if failed:
+        raise typer.Exit(1)

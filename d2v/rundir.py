@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from d2v.errors import CheckpointError, ConfigError
@@ -41,10 +42,9 @@ def check_writable_dir(path: Path, what: str) -> None:
     parent = next((p for p in (path, *path.parents) if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path} is not writable (no write permission in {parent})")
-    probe = parent / f".d2v-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
+    try:  # a unique name: threads of one process (a sweep exporting in parallel) check the same parent at once
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".d2v-write-test-"):
+            pass
     except OSError as exc:
         raise ConfigError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
 

@@ -107,3 +107,35 @@ def test_text_ceiling_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "vision encoder; give d2v text exports" in result.output
     result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "enc"), "--dims", "12x"])
     assert result.exit_code == 2 and "--dims" in result.output
+
+
+def test_sweep_probes_every_checkpoint_of_every_run(tmp_path):
+    """Two tiny runs in parallel: one JSON line each, a probe per checkpoint and weights; a failing run is recorded
+    without losing the other's result, and the exit code says something failed."""
+    spec = [{"name": "a", "modality": "vision", "steps": 2, "checkpoints": 2, "probe": "digits", "max_train": 200,
+             "weights": ["student", "teacher"], "set": ["run.batch_size=8"]},
+            {"name": "bad", "modality": "vision", "steps": 1, "probe": "digits", "set": ["no.such_key=1"]}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w"),
+                                      "--parallel", "2"])
+    assert result.exit_code == 1, result.output
+    records = {r["name"]: r for r in map(json.loads, (tmp_path / "w" / "sweep.jsonl").read_text().splitlines())}
+    assert set(records) == {"a", "bad"} and "no.such_key" in records["bad"]["error"]
+    rows = records["a"]["rows"]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0.0 <= r[w] <= 1.0 for r in rows for w in ("student", "teacher"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("not json", "cannot read the sweep spec"),
+    ("[]", "non-empty JSON list"),
+    ('[{"name": "a", "modality": "vision", "steps": 1}]', "missing keys ['probe']"),
+    ('[{"name": "a b", "modality": "vision", "steps": 1, "probe": "digits"}]', "must be unique"),
+    ('[{"name": "a", "modality": "vision", "steps": 0, "probe": "digits"}]', "positive integer"),
+    ('[{"name": "a", "modality": "vision", "steps": 1, "probe": "digits", "weights": ["ema"]}]', "weights"),
+    ('[{"name": "a", "modality": "vision", "steps": 1, "probe": "digits", "lr": 1}]', "unknown keys ['lr']"),
+])
+def test_sweep_spec_errors_are_one_line(tmp_path, spec, message):
+    (tmp_path / "spec.json").write_text(spec)
+    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 1 and message in result.output and not (tmp_path / "w").exists()

@@ -99,10 +99,20 @@ def test_resampling_backends_agree(backend, monkeypatch):
     assert np.abs(y[1000:-1000] - want[1000:-1000]).max() < 0.02
 
 
-def test_spoken_digits_names_the_debian_package_when_espeak_is_missing(monkeypatch):
+def test_spoken_digits_names_the_debian_package_when_espeak_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("D2V_CACHE_DIR", str(tmp_path))  # an empty cache: nothing generated earlier
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get install espeak-ng"):
         load_audio("spoken-digits")
+
+
+def test_spoken_digits_without_espeak_use_the_newest_set_generated_earlier(monkeypatch, tmp_path):
+    monkeypatch.setenv("D2V_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for version in ("1.9", "1.51", "1.51.1", "1.10"):
+        (tmp_path / "spoken-digits" / f"espeak-ng-{version}").mkdir(parents=True)
+    (tmp_path / "spoken-digits" / ".tmp-123-espeak-ng-9.0").mkdir()  # an interrupted generation is not a set
+    assert spoken_digits.spoken_digits_dir() == tmp_path / "spoken-digits" / "espeak-ng-1.51.1"
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")

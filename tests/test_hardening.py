@@ -73,6 +73,17 @@ def test_export_target_that_is_a_file_or_another_kind_of_directory(done_run, tmp
     fails_with(run("export", "checkpoint", done_run, "--out", "/proc/d2v-x"), "not writable")
 
 
+def test_exports_from_threads_of_one_process_into_one_parent_all_succeed(tmp_path):
+    """The writability check of --out must not trip over a sibling thread's check of the same parent folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2v.rundir import check_writable_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: [check_writable_dir(tmp_path / f"enc{i}", "--out") for _ in range(200)], range(8)))
+    assert not list(tmp_path.iterdir())  # nothing left behind
+
+
 # 2. failures mid-run
 
 

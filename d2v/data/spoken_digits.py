@@ -59,10 +59,21 @@ def generate(out: Path, voices=VOICES, variants=VARIANTS, speeds=SPEEDS) -> int:
     return count
 
 
+def _version_key(name: str) -> tuple:
+    """'espeak-ng-1.51.1' -> (1, 51, 1): numeric order of the generated sets' folder names."""
+    return tuple(int(x) if x.isdigit() else -1 for x in name.removeprefix("espeak-ng-").split("."))
+
+
 def spoken_digits_dir() -> Path:
     """The generated set's folder, made now if it is not in the cache yet (about a minute)."""
     from d2v.data.sources import cache_dir
 
+    if shutil.which("espeak-ng") is None:
+        # Without espeak-ng (a GPU machine with a copied cache, say), a set generated earlier still serves; with
+        # several, the newest espeak-ng's. Generating one needs espeak-ng, and espeak_version() says so.
+        made = sorted((cache_dir() / "spoken-digits").glob("espeak-ng-*"), key=lambda p: _version_key(p.name))
+        if made:
+            return made[-1]
     version = espeak_version()
     root = cache_dir() / "spoken-digits" / f"espeak-ng-{version}"
     if root.is_dir():
