@@ -386,13 +386,16 @@ def sweep(
                                   "started are skipped, a pretraining still going is stopped."),
 ) -> None:
     """Quality sweep: pretrain each spec entry, probe every checkpoint (student, teacher), one JSON line per run."""
-    from d2v.errors import UserError
+    from d2v.errors import ConfigError, UserError
 
     from .sweep import load_spec, sweep as run_sweep
 
     console = Console(width=None if sys.stdout.isatty() else 170)
     try:
         runs = load_spec(spec)
+        taken = [r["name"] for r in runs if (out / "runs" / r["name"]).exists()]
+        if taken:
+            raise ConfigError(f"{out} already holds runs named {', '.join(taken)}; choose a new --out or rename them")
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)

@@ -124,6 +124,9 @@ def test_sweep_probes_every_checkpoint_of_every_run(tmp_path):
     rows = records["a"]["rows"]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0.0 <= r[w] <= 1.0 for r in rows for w in ("student", "teacher"))
+    again = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
+    assert again.exit_code == 1 and "already holds runs named a;" in again.output
+    assert len((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()) == 2  # nothing appended, nothing run
 
 
 @pytest.mark.parametrize("spec, message", [
