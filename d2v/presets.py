@@ -377,7 +377,7 @@ _V2_SPEECH_CPU = {
     "run.batch_size": 4,
     "mask.span_length": 10,
     # A slower teacher (tau 0.999 -> 0.9999 instead of 0.99 -> 0.999): with the crops and blocks above, 92.9% at step
-    # 100 and 93.8% at 200 (teacher 94.2%), against 83.8% and 86.3% (CPU sweep, bench/RESULTS.md).
+    # 100 and 93.8% at 200 (teacher 94.2%), against 83.8% and 86.3% without it (CPU runs, bench/RESULTS.md).
     "ema.decay": 0.999,
     "ema.end_decay": 0.9999,
     "data.min_seconds": 0.0,
