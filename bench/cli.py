@@ -25,6 +25,12 @@ def _write_json(console, path: Path, result: dict) -> None:
     console.print(f"wrote {path}")
 
 
+def _command(name: str) -> str:
+    """The `d2v bench NAME ...` command line as invoked, for the JSON a benchmark writes."""
+    argv = sys.argv[sys.argv.index(name) + 1:] if name in sys.argv else []
+    return shlex.join(["d2v", "bench", name, *argv])
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -52,8 +58,7 @@ def kernels(
     if unknown:
         raise typer.BadParameter(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", param_hint="--ops")
     console = Console(width=None if sys.stdout.isatty() else 170)  # full table when piped to a log
-    argv = sys.argv[sys.argv.index("kernels") + 1:] if "kernels" in sys.argv else []
-    command = shlex.join(["d2v", "bench", "kernels", *argv])
+    command = _command("kernels")
 
     def append(record: dict) -> None:
         if jsonl_path is not None:
@@ -128,8 +133,7 @@ def pretrain(
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
-    result["meta"]["command"] = shlex.join(["d2v", "bench", "pretrain", *sys.argv[sys.argv.index("pretrain") + 1:]]) \
-        if "pretrain" in sys.argv else "d2v bench pretrain"
+    result["meta"]["command"] = _command("pretrain")
     table = Table(title=f"d2v pretrain throughput ({result['meta'].get('device', '?')}, "
                         f"{result['meta']['cpu_count']} CPU cores)")
     for col in ("processes", "samples/s", "per process", "scaling efficiency", "runs"):
@@ -164,8 +168,7 @@ def _breakdown(args: list[str], warmup: int, json_path: Optional[Path]) -> None:
     console.print(table)
     console.print(f"{result['steps_timed']} steps timed after {warmup} warm-up steps", style="dim")
     if json_path is not None:
-        argv = sys.argv[sys.argv.index("pretrain") + 1:] if "pretrain" in sys.argv else []
-        meta = {"command": shlex.join(["d2v", "bench", "pretrain", *argv]), "date": time.strftime("%Y-%m-%d"),
+        meta = {"command": _command("pretrain"), "date": time.strftime("%Y-%m-%d"),
                 "warmup_steps": warmup}
         _write_json(console, json_path, {"meta": meta, "breakdown": result})
 
@@ -201,8 +204,7 @@ def shared(
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
-    argv = sys.argv[sys.argv.index("shared") + 1:] if "shared" in sys.argv else []
-    result["meta"]["command"] = shlex.join(["d2v", "bench", "shared", *argv])
+    result["meta"]["command"] = _command("shared")
     table = Table(title=f"d2v pretrain alone and beside a busy {busy} process ({result['meta']['cpu_count']} CPUs)")
     for col in ("setting", "alone samples/s", "beside busy", "kept"):
         table.add_column(col, justify="left" if col == "setting" else "right")
@@ -242,8 +244,7 @@ def peer(
         line += f" (birder not run: {result['meta']['peer_missing']})"
     console.print(line, highlight=False)
     if json_path is not None:
-        argv = sys.argv[sys.argv.index("peer") + 1:] if "peer" in sys.argv else []
-        result["meta"]["command"] = shlex.join(["d2v", "bench", "peer", *argv])
+        result["meta"]["command"] = _command("peer")
         _write_json(console, json_path, result)
 
 
@@ -287,8 +288,7 @@ def data(
         console.print(f"This run would be {bound}-bound (loader {row['loader_samples_per_s']:.0f} vs step "
                       f"{row['step_samples_per_s']:.0f} samples/s).")
     if json_path is not None:
-        argv = sys.argv[sys.argv.index("data") + 1:] if "data" in sys.argv else []
-        result = {"meta": {**meta(), "command": shlex.join(["d2v", "bench", "data", *argv])}, "rows": [row]}
+        result = {"meta": {**meta(), "command": _command("data")}, "rows": [row]}
         _write_json(console, json_path, result)
 
 
@@ -333,8 +333,7 @@ def recipes(
                       f"{_fmt(s['v1_random_init'], '.3f')} / {_fmt(s['v2_random_init'], '.3f')}")
     console.print(table)
     if json_path is not None:
-        argv = sys.argv[sys.argv.index("recipes") + 1:] if "recipes" in sys.argv else []
-        result["command"] = shlex.join(["d2v", "bench", "recipes", *argv])
+        result["command"] = _command("recipes")
         _write_json(console, json_path, result)
 
 
@@ -367,8 +366,7 @@ def text_ceiling(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
     if json_path is not None:
-        argv = sys.argv[sys.argv.index("text-ceiling") + 1:] if "text-ceiling" in sys.argv else []
-        result["meta"]["command"] = shlex.join(["d2v", "bench", "text-ceiling", *argv])
+        result["meta"]["command"] = _command("text-ceiling")
         _write_json(console, json_path, result)
 
 
