@@ -90,6 +90,40 @@ def tiny_encoder(**overrides):
     return SpeechEncoder(cfg).eval()
 
 
+@pytest.mark.parametrize("c_in,c_out,k,stride,padding,groups,T", [
+    (1, 7, 10, 5, 0, 1, 403),  # the front end's first layer: one input channel
+    (6, 10, 3, 2, 0, 1, 57),
+    (12, 8, 2, 2, 0, 1, 9),
+    (12, 12, 19, 1, 9, 4, 33),  # a position conv: 'same' padding, groups
+    (8, 6, 5, 1, 2, 2, 5),  # kernel as long as the sequence
+    (5, 5, 3, 3, 1, 5, 8),  # depthwise, stride = kernel
+])
+@pytest.mark.parametrize("impl", ["conv1d_tc", "conv1d_windows"])
+def test_conv1d_tc_equals_conv1d_in_float64(c_in, c_out, k, stride, padding, groups, T, impl):
+    from d2v.models import common
+
+    conv1d_tc = getattr(common, impl)  # the dispatcher and the windows path it takes for strided dense convs
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(3, T, c_in, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(c_out, c_in // groups, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(c_out, dtype=torch.float64, generator=g, requires_grad=True)
+    for bias in (None, b):
+        got = conv1d_tc(x, w, bias, stride, padding, groups)
+        want = torch.nn.functional.conv1d(x.transpose(1, 2), w, bias, stride, padding, groups=groups).transpose(1, 2)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        up = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        grads = torch.autograd.grad((got * up).sum(), [x, w] + ([b] if bias is not None else []))
+        refs = torch.autograd.grad((want * up).sum(), [x, w] + ([b] if bias is not None else []))
+        for a, r in zip(grads, refs):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as pretraining's --precision bf16 runs it
+        got = conv1d_tc(x.float(), w.float(), b.float(), stride, padding, groups)
+    assert got.dtype == torch.bfloat16
+    want = torch.nn.functional.conv1d(x.transpose(1, 2), w, b, stride, padding, groups=groups).transpose(1, 2)
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_conv_lengths_and_frame_padding():
     enc = tiny_encoder()
     assert enc.receptive_field == 400

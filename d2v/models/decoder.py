@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import DecoderConfig
+from d2v.models.common import conv1d_tc
 
 
 class _ConvLayer(nn.Module):
-    """conv (grouped, 'same' padding) -> LayerNorm over channels without affine -> GELU; residual if widths match."""
+    """conv (grouped, 'same' padding) -> LayerNorm over channels without affine -> GELU; residual if widths match.
+    2-D: (B, C, h, w); 1-D: (B, T, C), time-major (conv1d_tc)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, groups: int, two_d: bool, residual: bool):
         super().__init__()
@@ -18,9 +20,13 @@ class _ConvLayer(nn.Module):
         self.conv = conv(c_in, c_out, kernel, padding=kernel // 2, groups=groups)
         self.residual = residual and c_in == c_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial)
-        y = self.conv(x)
-        y = F.gelu(F.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.conv, nn.Conv1d):
+            y = conv1d_tc(x, self.conv.weight, self.conv.bias, padding=self.conv.padding[0], groups=self.conv.groups)
+            y = F.gelu(F.layer_norm(y, y.shape[-1:]))
+        else:
+            y = self.conv(x)
+            y = F.gelu(F.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1))
         return x + y if self.residual else y
 
 
@@ -49,11 +55,13 @@ class ConvDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        x = x.transpose(1, 2)  # (B, D, T)
-        if self.grid is not None:
-            if self.grid[0] * self.grid[1] != T:
-                raise ValueError(f"a {self.grid[0]}x{self.grid[1]} decoder got {T} positions")
-            x = x.reshape(B, -1, *self.grid)
+        if self.grid is None:  # 1-D: the layers take (B, T, D) as it comes
+            for layer in self.layers:
+                x = layer(x)
+            return self.proj(x)
+        if self.grid[0] * self.grid[1] != T:
+            raise ValueError(f"a {self.grid[0]}x{self.grid[1]} decoder got {T} positions")
+        x = x.transpose(1, 2).reshape(B, -1, *self.grid)  # (B, D, h, w)
         for layer in self.layers:
             x = layer(x)
         return self.proj(x.reshape(B, x.shape[1], T).transpose(1, 2))

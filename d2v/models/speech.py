@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import SpeechModelConfig
-from d2v.models.common import EncoderOutput, init_transformer_weights, run_blocks
+from d2v.models.common import EncoderOutput, conv1d_tc, init_transformer_weights, run_blocks
 from d2v.models.transformer import PostLNBlock
 
 WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
@@ -55,16 +55,15 @@ def normalize_waveform(wave: torch.Tensor, padding_mask: torch.Tensor | None) ->
 
 
 class ConvLayer(nn.Module):
-    """Conv1d (no bias) -> LayerNorm over channels -> GELU."""
+    """Conv1d (no bias) -> LayerNorm over channels -> GELU, on (B, T, C) sequences."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
         self.norm = nn.LayerNorm(c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, S) -> (B, C_out, S')
-        x = self.conv(x)
-        return F.gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, C_in) -> (B, S', C_out)
+        return F.gelu(self.norm(conv1d_tc(x, self.conv.weight, None, self.conv.stride[0])))
 
 
 class FeatureExtractor(nn.Module):
@@ -78,10 +77,10 @@ class FeatureExtractor(nn.Module):
         )
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        x = wave.unsqueeze(1)  # (B, 1, S)
+        x = wave.unsqueeze(-1)  # (B, S, 1)
         for layer in self.layers:
             x = layer(x)
-        return x.transpose(1, 2)  # (B, T, C)
+        return x  # (B, T, C)
 
 
 class FeatureProjection(nn.Module):
@@ -104,11 +103,10 @@ class PositionalConv(nn.Module):
         self.layers = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.transpose(1, 2)  # (B, D, T)
         for conv in self.layers:
-            x = conv(x)
-            x = F.gelu(F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2))
-        return x.transpose(1, 2)
+            x = conv1d_tc(x, conv.weight, conv.bias, padding=conv.padding[0], groups=conv.groups)
+            x = F.gelu(F.layer_norm(x, x.shape[-1:]))
+        return x
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
