@@ -291,3 +291,30 @@ def test_cli_speech_errors(tmp_path):
     assert res.exit_code == 2 and "x.wav" in res.output and "--skip-bad-files" in res.output
     res = runner.invoke(app, ["pretrain", "--modality", "speech", "--data", str(tmp_path / "nothing"), "--dry-run"])
     assert res.exit_code == 2 and "neither a built-in" in res.output
+
+
+@pytest.mark.parametrize("p", [0.1, 0.37, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_keeps_each_element_with_1_minus_p_and_scales_it(p, dtype):
+    from d2v.models.common import Dropout, dropout
+
+    x = (torch.rand(301, 1031) + 0.5).to(dtype).requires_grad_()  # no zeros: a zero output means dropped
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    y = dropout(x, p)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 sigma
+    assert y.dtype == dtype
+    assert torch.equal(y[kept], (x.detach() * (1.0 / (1 - p)))[kept])  # scaled as F.dropout's x * (1 / (1 - p))
+    (y.float() * 3).sum().backward()
+    assert torch.equal(x.grad, torch.where(kept, 3 * torch.tensor(1.0 / (1 - p), dtype=dtype), 0).to(dtype))
+    # the mask is independent of position: rows and columns drop alike, neighbours are uncorrelated
+    rows, cols = kept.float().mean(1), kept.float().mean(0)
+    assert rows.std() < 3 * (p * (1 - p) / kept.shape[1]) ** 0.5 and cols.std() < 3 * (p * (1 - p) / kept.shape[0]) ** 0.5
+    a, b = kept[:, :-1].float().flatten(), kept[:, 1:].float().flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
+    torch.manual_seed(seed)
+    assert torch.equal(dropout(x, p), y)  # torch's generator: reproducible, and resumed runs draw alike
+    layer = Dropout(p).eval()
+    assert layer(x) is x and dropout(x, 0.0) is x and dropout(x, p, training=False) is x

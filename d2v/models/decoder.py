@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import DecoderConfig
-from d2v.models.common import conv1d_tc
+from d2v.models.common import Dropout, conv1d_tc
 
 
 class _ConvLayer(nn.Module):
@@ -42,7 +42,7 @@ class ConvDecoder(nn.Module):
         if cfg.kernel % 2 == 0:
             raise ValueError(f"decoder.kernel must be odd (same-size output), got {cfg.kernel}")
         self.grid = grid
-        self.input_dropout = nn.Dropout(cfg.input_dropout)  # applied by the objective to the encoder's outputs only
+        self.input_dropout = Dropout(cfg.input_dropout)  # applied by the objective to the encoder's outputs only
         self.layers = nn.ModuleList(
             _ConvLayer(in_dim if i == 0 else cfg.dim, cfg.dim, cfg.kernel, cfg.groups, grid is not None, cfg.residual)
             for i in range(cfg.depth)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v.config import SpeechModelConfig
-from d2v.models.common import EncoderOutput, conv1d_tc, init_transformer_weights, run_blocks
+from d2v.models.common import Dropout, EncoderOutput, conv1d_tc, init_transformer_weights, run_blocks
 from d2v.models.transformer import PostLNBlock
 
 WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
@@ -140,7 +140,7 @@ class SpeechEncoder(nn.Module):
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.ln_eps,
                         cfg.activation_dropout)

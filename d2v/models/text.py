@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from d2v.config import TextModelConfig
-from d2v.models.common import EncoderOutput, init_transformer_weights, run_blocks
+from d2v.models.common import Dropout, EncoderOutput, init_transformer_weights, run_blocks
 from d2v.models.transformer import PostLNBlock
 
 
@@ -19,7 +19,7 @@ class Embeddings(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
         self.positions = nn.Embedding(cfg.max_length + cfg.pad_id + 1, cfg.dim, padding_idx=cfg.pad_id)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         real = ids.ne(self.pad_id)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v.models.common import DropPath
+from d2v.models.common import Dropout, DropPath
 
 
 class Attention(nn.Module):
@@ -38,8 +38,8 @@ class PostLNBlock(nn.Module):
         self.fc1 = nn.Linear(dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.act_dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
+        self.act_dropout = Dropout(activation_dropout)
         self.drop_path = DropPath(drop_path)  # data2vec 2.0 images: stochastic depth on both residual branches
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
