@@ -31,6 +31,17 @@ def _command(name: str) -> str:
     return shlex.join(["d2v", "bench", name, *argv])
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """Comma-separated non-negative integers, in order; a one-sentence usage error otherwise."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values or min(values) < 0:
+        raise typer.BadParameter(f"expected comma-separated integers of 0 or more, got {text!r}", param_hint=option)
+    return values
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -118,11 +129,8 @@ def pretrain(
         _breakdown(list(args or ["--steps", "12"]), max(1, warmup), json_path)
         return
 
-    try:
-        counts = sorted({int(n) for n in nproc.split(",") if n.strip()})
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {nproc!r}", param_hint="--nproc")
-    if not counts or min(counts) < 1:
+    counts = sorted(set(_int_list(nproc, "--nproc")))
+    if min(counts) < 1:
         raise typer.BadParameter("process counts must be at least 1", param_hint="--nproc")
     console = Console()
     pretrain_args = list(args or ["--steps", "40", "--set", "run.log_every=5"])
@@ -303,13 +311,17 @@ def recipes(
     v2_steps: Optional[int] = typer.Option(None, "--v2-steps", min=1, help="Steps of the v2 run (default: preset)."),
     max_train: int = typer.Option(0, "--max-train", min=0, help="Probe on at most this many training items (0: all)."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Speech: held-out file globs for the probe."),
-    repeats: int = typer.Option(1, "--repeats", min=1, help="Alternating v1 / v2 pairs."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Alternating v1 / v2 pairs (same seed: timing noise)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, one v1 / v2 pair each "
+                                        "(run.seed; replaces --repeats): the spread between pretraining runs."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="OMP_NUM_THREADS of the runs."),
     set_: List[str] = typer.Option([], "--set", help="KEY=VALUE passed to both pretrain runs."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Speed to quality: pretrain with --recipe v1 and v2 (alternating), probe each checkpoint, compare wall times."""
     from .recipes import run
+
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
 
     console = Console(width=None if sys.stdout.isatty() else 170)
     extra = [a for item in set_ for a in ("--set", item)]
@@ -321,16 +333,24 @@ def recipes(
                       f"{rows}{init}", highlight=False, soft_wrap=True)
 
     result = run(modality, probe_data, data, checkpoints, v1_steps, v2_steps, max_train,
-                 [p for p in (holdout or "").split(",") if p] or None, repeats, threads, extra, on_row=show)
+                 [p for p in (holdout or "").split(",") if p] or None, repeats, threads, extra, on_row=show,
+                 seeds=seed_list)
     table = Table(title=f"{modality}: v1 vs v2, linear probe on {probe_data}")
     for col in ("repeat", "v1 acc", "v1 wall s", "v2 wall s to v1 acc", "v1 / v2 time", "v2 best acc within v1 wall",
                 "v2 final acc", "random init v1 / v2"):
         table.add_column(col)
     for i, s in enumerate(result["summaries"]):
-        table.add_row(str(i), f"{s['v1_accuracy']:.3f}", f"{s['v1_wall_s']:.0f}",
+        label = str(i) if seed_list is None else f"seed {seed_list[i]}"
+        table.add_row(label, f"{s['v1_accuracy']:.3f}", f"{s['v1_wall_s']:.0f}",
                       _fmt(s["v2_wall_s_to_v1_accuracy"], ".0f"), _fmt(s["time_ratio"], ".2f"),
                       _fmt(s["v2_best_accuracy_within_v1_wall"], ".3f"), f"{s['v2_final_accuracy']:.3f}",
                       f"{_fmt(s['v1_random_init'], '.3f')} / {_fmt(s['v2_random_init'], '.3f')}")
+    if "mean" in result:
+        m = result["mean"]
+        table.add_row("mean", _fmt(m["v1_accuracy"], ".3f"), _fmt(m["v1_wall_s"], ".0f"),
+                      f"{_fmt(m['v2_wall_s_to_v1_accuracy'], '.0f')} ({m['v2_reached']} of {m['pairs']} reach)",
+                      _fmt(m["time_ratio"], ".2f"), _fmt(m["v2_best_accuracy_within_v1_wall"], ".3f"),
+                      _fmt(m["v2_final_accuracy"], ".3f"), "")
     console.print(table)
     if json_path is not None:
         result["command"] = _command("recipes")

@@ -78,24 +78,43 @@ def summarize(v1: dict, v2: dict) -> dict:
     }
 
 
+def aggregate(summaries: list[dict]) -> dict:
+    """Means over pairs (seeds): accuracies, wall times and time ratios; v2 pairs that never reach v1's accuracy are
+    counted, and the mean ratio is over the pairs that do."""
+    import statistics
+
+    def mean(key):
+        vals = [s[key] for s in summaries if s[key] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    return {"pairs": len(summaries), "v2_reached": sum(s["time_ratio"] is not None for s in summaries),
+            **{key: mean(key) for key in ("v1_accuracy", "v1_wall_s", "v2_wall_s_to_v1_accuracy", "time_ratio",
+                                          "v2_best_accuracy_within_v1_wall", "v2_final_accuracy")}}
+
+
 def run(modality: str, probe_data: str, data: str | None = None, checkpoints: int = 5,
         v1_steps: int | None = None, v2_steps: int | None = None, max_train: int = 0,
         holdout: list[str] | None = None, repeats: int = 1, threads: int | None = None, extra: list[str] = (),
-        on_row=None) -> dict:
-    """Alternate v1 and v2 runs `repeats` times; probe their checkpoints; a dict of records and summaries."""
+        on_row=None, seeds: list[int] | None = None) -> dict:
+    """Alternate v1 and v2 runs `repeats` times (with seeds: once per seed, both recipes with run.seed set to it);
+    probe their checkpoints; a dict of records, summaries (one per pair) and, over several pairs, their means."""
     from d2v.probe import probe_path
 
     args = [*(["--data", data] if data else []), *extra]
     records = []
+    plan = [(rep, None) for rep in range(repeats)] if not seeds else list(enumerate(seeds))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for rep in range(repeats):
+        for rep, seed in plan:
             for recipe, steps in (("v1", v1_steps), ("v2", v2_steps)):
                 out = work / f"{recipe}-{rep}"
-                t0, wall = _pretrain(recipe, modality, args, out, checkpoints, steps, threads)
+                seeded = args if seed is None else [*args, "--set", f"run.seed={seed}"]
+                t0, wall = _pretrain(recipe, modality, seeded, out, checkpoints, steps, threads)
                 rows = _probe_checkpoints(out, t0, probe_data, max_train, holdout, work)
                 record = {"recipe": recipe, "repeat": rep, "wall_s": round(wall, 1), "rows": rows,
                           "samples_per_s": _samples_per_s(out)}
+                if seed is not None:
+                    record["seed"] = seed
                 if rep == 0:  # the untrained architecture of this recipe, probed the same way
                     record["random_init"] = probe_path(work / f"enc-{out.name}-{_last(out)}", probe_data,
                                                        random_init=True, max_train=max_train,
@@ -103,9 +122,12 @@ def run(modality: str, probe_data: str, data: str | None = None, checkpoints: in
                 records.append(record)
                 if on_row:
                     on_row(record)
-    summaries = [summarize(records[2 * r], records[2 * r + 1]) for r in range(repeats)]
-    return {"modality": modality, "probe_data": probe_data, "data": data, "records": records,
-            "summaries": summaries}
+    summaries = [summarize(records[2 * r], records[2 * r + 1]) for r in range(len(plan))]
+    result = {"modality": modality, "probe_data": probe_data, "data": data, "records": records,
+              "summaries": summaries}
+    if len(summaries) > 1:
+        result["mean"] = aggregate(summaries)
+    return result
 
 
 def _last(run: Path) -> str:

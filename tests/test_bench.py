@@ -142,3 +142,44 @@ def test_sweep_spec_errors_are_one_line(tmp_path, spec, message):
     (tmp_path / "spec.json").write_text(spec)
     result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
     assert result.exit_code == 1 and message in result.output and not (tmp_path / "w").exists()
+
+
+def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_path, monkeypatch):
+    from d2v.bench import recipes
+
+    calls = []
+    # v1 ends at 0.9 (wall 100 s); v2 of seed 3 reaches it at 30 s, v2 of seed 5 never does
+    curves = {("v1", 3): [0.8, 0.9], ("v2", 3): [0.85, 0.92], ("v1", 5): [0.7, 0.9], ("v2", 5): [0.8, 0.88]}
+
+    def fake_pretrain(recipe, modality, args, out, checkpoints, steps, threads):
+        seed = int(args[args.index("--set") + 1].split("=")[1])
+        calls.append((recipe, seed))
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text('{"samples_per_s": 5.0}\n')
+        return 0.0, 100.0
+
+    def fake_probe(run, t0, probe_data, max_train, holdout, work):
+        recipe, seed = calls[-1]
+        walls = (50.0, 100.0) if recipe == "v1" else (15.0, 30.0)
+        return [{"step": i + 1, "wall_s": w, "accuracy": a} for i, (w, a) in enumerate(zip(walls, curves[calls[-1]]))]
+
+    monkeypatch.setattr(recipes, "_pretrain", fake_pretrain)
+    monkeypatch.setattr(recipes, "_probe_checkpoints", fake_probe)
+    monkeypatch.setattr(recipes, "_last", lambda run: "step_2")
+    monkeypatch.setattr("d2v.probe.probe_path", lambda *a, **k: type("R", (), {"accuracy": 0.5})())
+    result = recipes.run("speech", "spoken-digits", checkpoints=2, seeds=[3, 5])
+    assert calls == [("v1", 3), ("v2", 3), ("v1", 5), ("v2", 5)]
+    assert [r["seed"] for r in result["records"]] == [3, 3, 5, 5]
+    first, second = result["summaries"]
+    assert first["time_ratio"] == pytest.approx(100 / 30) and first["v2_wall_s_to_v1_accuracy"] == 30.0
+    assert second["time_ratio"] is None and second["v2_best_accuracy_within_v1_wall"] == 0.88
+    mean = result["mean"]
+    assert mean["pairs"] == 2 and mean["v2_reached"] == 1
+    assert mean["time_ratio"] == pytest.approx(100 / 30)  # over the pairs that reach
+    assert mean["v2_final_accuracy"] == pytest.approx((0.92 + 0.88) / 2)
+
+
+@pytest.mark.parametrize("seeds", ["1,x", "-1", ","])
+def test_recipes_bad_seeds_are_one_line(seeds):
+    result = CliRunner().invoke(app, ["recipes", "--probe-data", "fashion-mnist", "--seeds", seeds])
+    assert result.exit_code == 2 and "--seeds" in result.output and "Traceback" not in result.output
