@@ -12,7 +12,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["d2v", "d2v.ops", "d2v.models", "d2v.data", "d2v.kernels", "d2v.bench"]
+PACKAGES = ["d2v", "d2v.core", "d2v.runtime", "d2v.encoders", "d2v.ops", "d2v.models", "d2v.data", "d2v.kernels", "d2v.bench"]
 PACKAGE_DIR = {"d2v.kernels": "kernels", "d2v.bench": "bench"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("D2V_BUILD_EXT", "auto").strip().lower()

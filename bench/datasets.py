@@ -4,6 +4,7 @@
                                                              # ~0.5% CMYK, ~0.5% 16-bit PNG, ~0.1% corrupt
     python -m d2v.bench.datasets audio DIR --count 10000     # FLAC files of 0.5 to 3 s at 16/22.05/44.1 kHz
     python -m d2v.bench.datasets text DIR --megabytes 512    # .txt files of sentences from a 5,000-word vocabulary
+    python -m d2v.bench.datasets shards DIR --from FOLDER --count 4   # FOLDER's files, sorted, in 4 tar shards
 """
 from __future__ import annotations
 
@@ -70,17 +71,35 @@ def text(root: Path, megabytes: float, seed: int = 0, file_megabytes: float = 8.
         f += 1
 
 
+def shards(root: Path, source: Path, count: int) -> None:
+    """source's files in sorted order (as d2v lists a folder), split into `count` uncompressed tars named
+    shard-000.tar ... (members named by their paths under source), so the shards hold the folder's order."""
+    import tarfile
+
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    root.mkdir(parents=True, exist_ok=True)
+    for s, chunk in enumerate(np.array_split(np.array(files, dtype=object), count)):
+        with tarfile.open(root / f"shard-{s:03d}.tar", "w") as tar:
+            for name in chunk:
+                tar.add(source / name, arcname=name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["images", "audio", "text"])
+    p.add_argument("kind", choices=["images", "audio", "text", "shards"])
     p.add_argument("root", type=Path)
-    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--count", type=int, default=1000, help="files (images, audio) or shards (shards)")
     p.add_argument("--megabytes", type=float, default=64)
+    p.add_argument("--from", dest="source", type=Path, help="shards: the folder to pack")
     a = p.parse_args()
     if a.kind == "images":
         images(a.root, a.count)
     elif a.kind == "audio":
         audio(a.root, a.count)
+    elif a.kind == "shards":
+        if a.source is None or not a.source.is_dir():
+            p.error("shards needs --from FOLDER")
+        shards(a.root, a.source, a.count)
     else:
         text(a.root, a.megabytes)
 

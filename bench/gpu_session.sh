@@ -15,6 +15,18 @@
 #   4. the kernel benchmark, alone on the GPU (all ops and cases in one process) -> kernels.jsonl
 #   5. pretrain with --kernels cuda and with --compile on; `d2v bench pretrain --breakdown` on the GPU
 # Every step appends {"step", "rc", "seconds"} to OUT/steps.jsonl and writes OUT/<step>.log.
+#
+# GPU_PLAN=scale (issue 28): instead of steps 2-5, the figures at the sizes users train, each step appending its rows
+# to OUT/scale.jsonl as they are measured (bench/scale.py): scale-steps (samples/s, MFU, peak memory of ViT-B/16 v1
+# and v2, ViT-L/16 v2, speech base v2 15 s, text base v2 512 tokens in bf16, and ViT-B v1 with fp32 / unfused AdamW /
+# compile / activation checkpointing), scale-fit (largest ViT-L v2 micro-batch without and with checkpointing),
+# scale-sdpa (the attention kernel each encoder runs), scale-peer (d2v / birder at ViT-B/16, v1 and v2; needs
+# .whl/birder-0.8.4-py3-none-any.whl carried along: `python3 -m pip download --no-deps birder==0.8.4 -d .whl`),
+# scale-data (a generated JPEG folder: loader samples/s, training samples/s from it, nvJPEG decode). About 12 minutes
+# in all: two calls, e.g.
+#     GPU_PLAN=scale GPU_ONLY="scale-steps scale-fit scale-sdpa" bench/gpu_session.sh OUT 560
+#     GPU_PLAN=scale GPU_ONLY="scale-peer scale-data" bench/gpu_session.sh OUT2 560
+# DRY=1 runs the plan on tiny shapes on the CPU, without installing anything (tests/test_gpu_prep.py).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:?usage: bench/gpu_session.sh OUT_DIR [SECONDS]}"
@@ -30,7 +42,7 @@ mkdir -p "$runs"
 step() {  # step NAME LIMIT CMD...: run CMD under min(LIMIT, time left - 5 s), log and record it
   local name=$1 limit=$2
   shift 2
-  if [[ -n "${GPU_ONLY:-}" && " env install-py build-ext ext-status $GPU_ONLY " != *" $name "* ]]; then
+  if [[ -n "${GPU_ONLY:-}" && " env install-py install-birder build-ext ext-status $GPU_ONLY " != *" $name "* ]]; then
     return 0  # GPU_ONLY="step ...": a rerun of some steps (the install steps always run)
   fi
   local left=$((end - SECONDS - 5))
@@ -66,7 +78,25 @@ step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,com
   "$py" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name(0))";
   nvcc --version | tail -1; nproc; git rev-parse HEAD 2>/dev/null'
 cp "$out/env.log" "$out/env.txt" 2>/dev/null
-step install-py 90 env D2V_BUILD_EXT=0 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
+[[ -z "${DRY:-}" ]] && step install-py 90 env D2V_BUILD_EXT=0 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
+
+if [[ "${GPU_PLAN:-}" == scale ]]; then
+  dry=()
+  [[ -n "${DRY:-}" ]] && dry=(--dry)
+  if [[ -z "${DRY:-}" ]] && compgen -G ".whl/birder-*.whl" > /dev/null; then  # birder alone: no dependency installed
+    step install-birder 60 "$py" -m pip install -q --no-index --no-deps --no-compile --target "$out/site" .whl/birder-*.whl &&
+      export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  declare -A limit=([steps]=300 [fit]=200 [sdpa]=60 [peer]=300 [data]=240)
+  for what in steps fit sdpa peer data; do
+    step "scale-$what" "${limit[$what]}" "$py" -m d2v.bench.scale "$what" --jsonl "$out/scale.jsonl" \
+      --work "$runs/scale-$what" "${dry[@]}"
+  done
+  rm -rf "$runs" "$out/site"
+  echo "results in $out"
+  ! grep -v '"step": "env"' "$out/steps.jsonl" | grep -q '"rc": [1-9-]'
+  exit
+fi
 
 # 2. the extension builds on the CPUs while the GPU runs the Triton tests and the smoke runs
 arch="$("$py" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability(0))')"

@@ -16,7 +16,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -258,16 +258,6 @@ OPS = {"targets": _targets_runs, "ema": _ema_runs, "loss": _loss_runs}
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is visible to torch")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
-
-
 def run(
     quick: bool = False,
     device: str = "auto",
@@ -286,6 +276,8 @@ def run(
     on_row(row) after each measured row, so a caller can write results as they come (a run that is cut short
     still leaves every finished row behind).
     """
+    from d2v.core.device import resolve_device
+
     dev = resolve_device(device)
     if include_interpreter and dev.type == "cpu" and "triton" not in sys.modules:
         # @triton.jit picks the interpreter at import time; once triton is in, the caller's setting stands.
@@ -348,9 +340,9 @@ def _device_name(dev: torch.device) -> str:
 
 def _interpreted() -> bool:
     """True when the imported triton runs kernels in its interpreter (decided when kernels were decorated)."""
-    from d2v.kernels.ema import _ema_update_kernel
+    from d2v.kernels import interpreted
 
-    return type(_ema_update_kernel).__name__ == "InterpretedFunction"
+    return interpreted()
 
 
 def _triton_version() -> str | None:

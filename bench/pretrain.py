@@ -9,26 +9,43 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from d2v.runtime.steptimes import summarize
 
-def command(nproc: int, args: list[str]) -> list[str]:
-    """The pretrain command line for `nproc` processes (1: the plain command, no torchrun)."""
-    if nproc == 1:
-        return [sys.executable, "-m", "d2v", "pretrain", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "d2v", "pretrain", *args]
+from .harness import metrics, run_pretrain, samples_per_s
 
 
-def samples_per_s(metrics: Path, warmup: int) -> tuple[float, int]:
-    """(median samples/s after `warmup` records, records used)."""
-    rates = [json.loads(line)["samples_per_s"] for line in metrics.read_text().splitlines() if line.strip()]
-    used = rates[warmup:] or rates[-1:]
-    return statistics.median(used), len(used)
+def model_figures(run_dir: Path, samples_per_s: float | None, device: str, gpus: int = 1,
+                  peak_memory_mb: float | None = None) -> dict:
+    """Model FLOPs per update of the run in `run_dir` (from its saved, data-filled config), the TFLOP/s its
+    samples/s make, MFU against `gpus` x the dense peak of `device` (a GPU name; None elsewhere) at its precision."""
+    from d2v.core.config import PretrainConfig, from_dict
+    from d2v.runtime.flops import flops_per_update, mfu
+
+    cfg = from_dict(PretrainConfig, json.loads((Path(run_dir) / "config.json").read_text()))
+    flops = flops_per_update(cfg)
+    rate = flops["total"] / cfg.run.batch_size * (samples_per_s or 0.0)
+    util = mfu(rate / max(gpus, 1), device, cfg.run.precision)
+    return {"gflop_per_update": flops["total"] / 1e9, "flops_parts": flops, "tflop_per_s": rate / 1e12,
+            "mfu": util, "precision": cfg.run.precision, "peak_memory_mb": peak_memory_mb}
+
+
+def run_device(run_dir: Path) -> str:
+    """The name of the device a finished run trained on: its GPU's, or "cpu"."""
+    import torch
+
+    saved = json.loads((Path(run_dir) / "config.json").read_text())["run"]["device"]
+    on_gpu = saved.startswith("cuda") or (saved == "auto" and torch.cuda.is_available())
+    return torch.cuda.get_device_name(0) if on_gpu else "cpu"
+
+
+def last_peak_memory(run_dir: Path) -> float | None:
+    """The last peak_memory_mb a run logged (CUDA runs log their allocator's high-water mark), or None."""
+    peaks = [r["peak_memory_mb"] for r in metrics(run_dir) if "peak_memory_mb" in r]
+    return peaks[-1] if peaks else None
 
 
 def run(nprocs: list[int], args: list[str], threads: int | None = None, warmup: int = 2, repeats: int = 1,
@@ -42,24 +59,23 @@ def run(nprocs: list[int], args: list[str], threads: int | None = None, warmup: 
             for n in nprocs:
                 t = threads or max(1, cores // n)
                 out = Path(tmp) / f"run-{n}-{rep}"
-                env = {**os.environ, "OMP_NUM_THREADS": str(t)}
-                t0 = time.perf_counter()
-                proc = subprocess.run(command(n, [*args, "--out", str(out), "--no-progress"]), env=env,
-                                      capture_output=True, text=True)
-                wall = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                    raise RuntimeError(f"{n}-process run failed (exit {proc.returncode}): " + " | ".join(tail))
-                rate, used = samples_per_s(out / "metrics.jsonl", warmup)
+                wall = run_pretrain(args, out, nproc=n, threads=t, what=f"the {n}-process run")
+                rate, used = samples_per_s(out, warmup)
                 row = {"nproc": n, "threads_per_process": t, "repeat": rep, "samples_per_s": rate,
                        "samples_per_s_per_process": rate / n, "records": used, "wall_s": wall}
+                device = run_device(out)
+                row.update(device=device, **model_figures(out, rate, device, n if device != "cpu" else 1,
+                                                          last_peak_memory(out)))
                 rows.append(row)
                 if on_row:
                     on_row(row)
     summary = {}
     for n in nprocs:
         rates = [r["samples_per_s"] for r in rows if r["nproc"] == n]
-        summary[n] = {"samples_per_s": statistics.median(rates), "runs": len(rates)}
+        ran = [r for r in rows if r["nproc"] == n]
+        summary[n] = {"samples_per_s": statistics.median(rates), "runs": len(rates),
+                      **{k: statistics.median(r[k] for r in ran) if all(r[k] is not None for r in ran) else None
+                         for k in ("gflop_per_update", "tflop_per_s", "mfu", "peak_memory_mb")}}
     base_n = min(nprocs)
     base = summary[base_n]["samples_per_s"] / base_n
     for n, s in summary.items():
@@ -76,127 +92,16 @@ def run(nprocs: list[int], args: list[str], threads: int | None = None, warmup: 
     return {"meta": meta, "rows": rows, "summary": {str(n): s for n, s in summary.items()}}
 
 
-# ------------------------------------------------------------------------------------------------ step breakdown
-PHASES = ("data", "student_forward", "teacher_forward", "targets", "loss", "backward", "optimizer", "ema")
-
-
-class StepTimes:
-    """Seconds spent in each phase of the training step, for `pretrain(..., step_times=...)`.
-
-    A phase's time excludes the phases timed inside it: "loss" is the objective's forward less the student, the
-    teacher and the targets (so: the loss, its statistics and the glue). "other" is the rest of a step (learning
-    rate, logging, checks). On CUDA every phase boundary synchronizes, which slows the run a little but puts the time
-    where it is spent. Steps before `warmup` (start-up, first kernel compilations) are not counted."""
-
-    def __init__(self, warmup: int = 2, cuda: bool = False):
-        import torch
-
-        self.warmup, self.sync = max(1, warmup), (torch.cuda.synchronize if cuda else (lambda: None))
-        self.totals = dict.fromkeys(PHASES, 0.0)
-        self.stack: list[float] = []
-        self.steps, self.step_s, self.t_last = 0, 0.0, time.perf_counter()
-        self._restore: list = []
-
-    def phase(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def timed():
-            self.sync()
-            t0 = time.perf_counter()
-            self.stack.append(0.0)
-            try:
-                yield
-            finally:
-                self.sync()
-                dt, inner = time.perf_counter() - t0, self.stack.pop()
-                if self.steps >= self.warmup:
-                    self.totals[name] += dt - inner
-                if self.stack:
-                    self.stack[-1] += dt
-
-        return timed()
-
-    def _wrap(self, owner, attr: str, name: str) -> None:
-        original = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
-            with self.phase(name):
-                return original(*args, **kwargs)
-
-        self._restore.append((owner, attr, owner.__dict__.get(attr)))
-        setattr(owner, attr, timed)
-
-    def attach(self, model) -> None:
-        """Time the objective's parts: the student path (encoder + head or decoder), the teacher, the targets."""
-        from d2v import ops
-
-        for attr in ("_predict_v1", "_predict_v2"):
-            if hasattr(model, attr):
-                self._wrap(model, attr, "student_forward")
-        self._wrap(model.teacher, "encode", "teacher_forward")
-        self._wrap(ops, "targets", "targets")
-
-    def step_done(self) -> None:
-        now = time.perf_counter()
-        if self.steps >= self.warmup:
-            self.step_s += now - self.t_last
-        self.t_last, self.steps = now, self.steps + 1
-
-    def close(self) -> None:
-        """Undo attach (the objective's methods and d2v.ops.targets are themselves again)."""
-        for owner, attr, value in reversed(self._restore):
-            if value is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, value)
-        self._restore.clear()
-
-    def result(self, batch_size: int) -> dict:
-        counted = max(0, self.steps - self.warmup)
-        per_step = {k: v / max(counted, 1) for k, v in self.totals.items()}
-        step = self.step_s / max(counted, 1)
-        per_step["other"] = max(0.0, step - sum(per_step.values()))
-        return {"steps_timed": counted, "step_ms": 1e3 * step, "samples_per_s": batch_size / step if step else None,
-                "phases_ms": {k: 1e3 * v for k, v in per_step.items()},
-                "phases_share": {k: (v / step if step else None) for k, v in per_step.items()}}
-
-
 def breakdown(args: list[str], warmup: int = 2) -> dict:
-    """Run `d2v pretrain ARGS` in this process with a StepTimes; its result plus the run's config summary."""
-    import functools
-
-    import torch
-    from rich.console import Console
-
-    import d2v.train
-    from d2v import cli
-
-    seen = {}
-    original = d2v.train.pretrain
-
-    def timed_pretrain(cfg, **kwargs):
-        seen["cfg"] = cfg
-        seen["times"] = StepTimes(warmup, cuda=d2v.train.resolve_device(cfg.run.device).type == "cuda")
-        try:
-            return original(cfg, **kwargs, step_times=seen["times"])
-        finally:
-            seen["times"].close()
-
+    """Run `d2v pretrain ARGS --step-times FILE` (the real command, in a subprocess): the mean time of each phase of
+    a step after `warmup` steps, and the run's config summary."""
     with tempfile.TemporaryDirectory() as tmp:
-        d2v.train.pretrain = functools.wraps(original)(timed_pretrain)
-        quiet = cli.console.quiet
-        cli.console.quiet = True
-        try:
-            code = cli.app(["pretrain", *args, "--out", str(Path(tmp) / "run"), "--no-progress"],
-                           standalone_mode=False)
-        finally:
-            d2v.train.pretrain, cli.console.quiet = original, quiet
-    if "times" not in seen or code:
-        raise RuntimeError(f"d2v pretrain {' '.join(args)} failed (exit {code}; its error is shown above)")
-    cfg = seen["cfg"]
-    result = seen["times"].result(cfg.run.batch_size)
-    result["config"] = {"modality": cfg.modality, "recipe": getattr(cfg, "recipe", "v1"), "preset": cfg.preset,
-                        "batch_size": cfg.run.batch_size, "precision": cfg.run.precision,
-                        "compile": getattr(cfg.run, "compile", "off"), "threads": torch.get_num_threads()}
+        times = Path(tmp) / "times.json"
+        run_pretrain([*args, "--step-times", str(times)], Path(tmp) / "run")
+        timed = json.loads(times.read_text())
+        result = summarize(timed["steps"], max(1, warmup), timed["config"]["batch_size"])
+        result["config"] = timed["config"]
+        result["device"] = timed.get("device", "cpu")
+        result.update(model_figures(Path(tmp) / "run", result["samples_per_s"], result["device"],
+                                    peak_memory_mb=timed.get("peak_memory_mb")))
     return result

@@ -7,44 +7,33 @@ Summary figures: the v1 run's final probe accuracy A and wall time W; the wall t
 (and W divided by it); v2's best accuracy within W."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from d2v.core.presets import preset_config
+from d2v.export import export_checkpoint
+from d2v.probe import probe_path
+from d2v.runtime.checkpoint import list_checkpoints
+
+from .harness import run_pretrain, samples_per_s
 
 
 def _pretrain(recipe: str, modality: str, args: list[str], out: Path, checkpoints: int, steps: int | None,
               threads: int | None) -> tuple[float, float]:
     """Run one pretraining; (launch time, wall seconds)."""
-    cmd = [sys.executable, "-m", "d2v", "pretrain", "--modality", modality, "--recipe", recipe, "--out", str(out),
-           "--no-progress", *args]
+    cmd = ["--modality", modality, "--recipe", recipe, *args]
     if steps:
         cmd += ["--steps", str(steps)]
-    from d2v.presets import preset_config
-
     total = steps or preset_config(modality, None, recipe).run.steps
     cmd += ["--checkpoint-every", str(max(1, total // checkpoints)), "--set", "run.keep_checkpoints=0"]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"{recipe} run failed (exit {proc.returncode}): " + " | ".join(tail))
+    wall = run_pretrain(cmd, out, threads=threads, what=f"the {recipe} run")
     return t0, wall
 
 
 def _probe_checkpoints(run: Path, t0: float, probe_data: str, max_train: int, holdout: list[str] | None,
                        work: Path) -> list[dict]:
-    from d2v.checkpoint import list_checkpoints
-    from d2v.export import export_checkpoint
-    from d2v.probe import probe_path
-
     rows = []
     for ck in list_checkpoints(run):
         done = (ck / "manifest.json").stat().st_mtime - t0
@@ -56,10 +45,7 @@ def _probe_checkpoints(run: Path, t0: float, probe_data: str, max_train: int, ho
 
 
 def _samples_per_s(run: Path) -> float:
-    import statistics
-
-    rates = [json.loads(x)["samples_per_s"] for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return statistics.median(rates[2:] or rates)
+    return samples_per_s(run, 2)[0]
 
 
 def summarize(v1: dict, v2: dict) -> dict:
@@ -98,8 +84,6 @@ def run(modality: str, probe_data: str, data: str | None = None, checkpoints: in
         on_row=None, seeds: list[int] | None = None) -> dict:
     """Alternate v1 and v2 runs `repeats` times (with seeds: once per seed, both recipes with run.seed set to it);
     probe their checkpoints; a dict of records, summaries (one per pair) and, over several pairs, their means."""
-    from d2v.probe import probe_path
-
     args = [*(["--data", data] if data else []), *extra]
     records = []
     plan = [(rep, None) for rep in range(repeats)] if not seeds else list(enumerate(seeds))
@@ -131,6 +115,4 @@ def run(modality: str, probe_data: str, data: str | None = None, checkpoints: in
 
 
 def _last(run: Path) -> str:
-    from d2v.checkpoint import list_checkpoints
-
     return list_checkpoints(run)[-1].name

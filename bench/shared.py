@@ -15,7 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .pretrain import command, samples_per_s
+from d2v.core.errors import ConfigError
+
+from .harness import pretrain_command, run_pretrain, samples_per_s
 
 BUSY = {
     "python": "while True: pass",
@@ -39,7 +41,7 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 def _busy(kind: str, env: dict, args: list[str], tmp: Path) -> subprocess.Popen:
     if kind == "d2v":
-        cmd = command(1, [*args, "--out", str(tmp / f"busy-{time.monotonic_ns()}"), "--no-progress"])
+        cmd = pretrain_command([*args, "--out", str(tmp / f"busy-{time.monotonic_ns()}"), "--no-progress"])
     else:
         cmd = [sys.executable, "-c", BUSY[kind]]
     return subprocess.Popen(cmd, env=env if kind == "d2v" else _clean_env({}), stdout=subprocess.DEVNULL,
@@ -50,7 +52,7 @@ def run(settings: dict[str, dict[str, str]], args: list[str], busy: str = "pytho
         warmup: int = 1, on_row=None) -> dict:
     """Alternate (setting, alone / beside `busy`) runs `repeats` times; rows and per-setting medians."""
     if busy not in (*BUSY, "d2v"):
-        raise ValueError(f"unknown busy process {busy!r}; use python, torch or d2v")
+        raise ConfigError(f"--busy must be python, torch or d2v, got {busy!r}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -62,18 +64,12 @@ def run(settings: dict[str, dict[str, str]], args: list[str], busy: str = "pytho
                     try:
                         time.sleep(1.0 if other else 0.0)  # let the busy process get going
                         out = tmp / f"run-{rep}-{len(rows)}"
-                        t0 = time.perf_counter()
-                        proc = subprocess.run(command(1, [*args, "--out", str(out), "--no-progress"]), env=env,
-                                              capture_output=True, text=True)
-                        wall = time.perf_counter() - t0
+                        wall = run_pretrain(args, out, env=env, what="the run")
                     finally:
                         if other is not None:
                             other.kill()
                             other.wait()
-                    if proc.returncode != 0:
-                        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                        raise RuntimeError(f"run failed (exit {proc.returncode}): " + " | ".join(tail))
-                    rate, used = samples_per_s(out / "metrics.jsonl", warmup)
+                    rate, used = samples_per_s(out, warmup)
                     row = {"setting": name, "env": extra, "beside": busy if beside else None, "repeat": rep,
                            "samples_per_s": rate, "records": used, "wall_s": wall}
                     rows.append(row)

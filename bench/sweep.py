@@ -14,16 +14,19 @@ its two voices by itself). Each finished run appends one JSON line to the result
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from d2v.errors import ConfigError
+from d2v.core.errors import ConfigError
+from d2v.export import export_checkpoint
+from d2v.probe import probe_path
+from d2v.runtime.checkpoint import list_checkpoints
+
+from .harness import RunFailed, metrics, run_pretrain
 
 _KEYS = {"name", "modality", "recipe", "steps", "checkpoints", "probe", "set", "args", "weights", "max_train",
          "holdout"}
@@ -62,36 +65,29 @@ def load_spec(path: Path) -> list[dict]:
     return out
 
 
-def _pretrain_cmd(run: dict, out: Path, device: str) -> list[str]:
+def _pretrain_args(run: dict, device: str) -> list[str]:
     every = max(1, run["steps"] // max(1, run["checkpoints"]))
-    cmd = [sys.executable, "-m", "d2v", "pretrain", "--modality", run["modality"], "--recipe", run["recipe"],
-           "--device", device, "--steps", str(run["steps"]), "--checkpoint-every", str(every),
-           "--set", "run.keep_checkpoints=0", "--no-progress", "--out", str(out), *run["args"]]
+    args = ["--modality", run["modality"], "--recipe", run["recipe"], "--device", device, "--steps", str(run["steps"]),
+            "--checkpoint-every", str(every), "--set", "run.keep_checkpoints=0", *run["args"]]
     for item in run["set"]:
-        cmd += ["--set", item]
-    return cmd
+        args += ["--set", item]
+    return args
 
 
 def run_one(run: dict, work: Path, device: str, threads: int, deadline: float) -> dict:
     """Pretrain one run and probe its checkpoints; a result record (with "error" instead of rows on failure)."""
-    from d2v.checkpoint import list_checkpoints
-    from d2v.export import export_checkpoint
-    from d2v.probe import probe_path
-
     record = {"name": run["name"], "modality": run["modality"], "recipe": run["recipe"], "steps": run["steps"],
               "set": run["set"], "args": run["args"]}
     out = work / "runs" / run["name"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.time()
     try:
-        proc = subprocess.run(_pretrain_cmd(run, out, device), env=env, capture_output=True, text=True,
-                              timeout=max(1.0, deadline - t0) if deadline < float("inf") else None)
+        wall = run_pretrain(_pretrain_args(run, device), out, threads=threads, what="pretrain",
+                            timeout=max(1.0, deadline - t0) if deadline < float("inf") else None)
     except subprocess.TimeoutExpired:
         return {**record, "error": "stopped at the sweep's time limit"}
-    record["pretrain_s"] = round(time.time() - t0, 1)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**record, "error": f"pretrain exit {proc.returncode}: " + " | ".join(tail)}
+    except RunFailed as exc:
+        return {**record, "error": str(exc)}
+    record["pretrain_s"] = round(wall, 1)
     rows = []
     for ck in list_checkpoints(out):
         row = {"step": int(ck.name.split("_")[-1])}
@@ -101,8 +97,8 @@ def run_one(run: dict, work: Path, device: str, threads: int, deadline: float) -
             row[weights] = probe_path(enc, run["probe"], device=device, max_train=run["max_train"],
                                       holdout=run["holdout"]).accuracy
         rows.append(row)
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = metrics[-1] if metrics else {}
+    logged = [r for r in metrics(out) if "loss" in r]
+    last = logged[-1] if logged else {}
     return {**record, "rows": rows, **{k: last[k] for k in ("loss", "target_std", "pred_std") if k in last}}
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from d2v.core.errors import ConfigError
+
 
 def token_rows(dataset, max_length: int) -> list[np.ndarray]:
-    from d2v.data.text import special_ids, tokenize
+    from d2v.core.tokenizer import special_ids, tokenize
 
     specials = special_ids(dataset.tokenizer).all
     rows = []
@@ -70,8 +72,8 @@ def mean_embedding(bow: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 def order_probe(encoder, seed: int = 0) -> float:
     """Original fortunes vs their word-shuffled copies, on the encoder's mean-pooled features (d2v.probe.features)."""
-    from d2v.data.text import LabelledText, load_labelled_text
-    from d2v.probe import features
+    from d2v.data.corpus import LabelledText, load_labelled_text
+    from d2v.encoders.features import features
 
     encoder = encoder.eval()
     rng = np.random.default_rng(seed)
@@ -95,12 +97,13 @@ def run(encoders: list[str], corpus: str = "pydoc", dims: tuple[int, ...] = (128
     from sklearn.feature_extraction.text import TfidfTransformer
     from sklearn.linear_model import LogisticRegression
 
-    from d2v.data.text import load_labelled_text, read_corpus, special_ids
-    from d2v.export import load_encoder
+    from d2v.core.tokenizer import special_ids
+    from d2v.data.corpus import load_labelled_text, read_corpus
+    from d2v.encoders.load import load_encoder
 
     encoder = load_encoder(encoders[0])
     if encoder.cfg.modality != "text":
-        raise ValueError(f"{encoders[0]} is a {encoder.cfg.modality} encoder; give d2v text exports")
+        raise ConfigError(f"{encoders[0]} is a {encoder.cfg.modality} encoder; give d2v text exports")
     tok, length = encoder.tokenizer, encoder.cfg.max_length
     vocab = tok.get_vocab_size()
     train, test = (load_labelled_text("fortunes", s, tok, length) for s in ("train", "test"))

@@ -1,9 +1,14 @@
-"""Masks: which positions the student does not see. Each returns a bool array, True = masked."""
+"""Masks: which positions the student does not see. Each returns a bool array, True = masked. MASK_KINDS names
+the kinds each modality offers and clone_masks draws a batch's masks by kind, one or several clones per sample."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+
+from d2v.core.errors import ConfigError
 
 
 def block_mask(
@@ -248,3 +253,69 @@ def kept_positions(mask: np.ndarray, valid: np.ndarray | None = None) -> tuple[n
     filler = np.arange(Tk)[None, :] >= counts[:, None]
     order[filler] = T
     return order, (filler if filler.any() else None)
+
+
+# ------------------------------------------------------------------------------------------ kinds and clones
+@dataclass(frozen=True)
+class Site:
+    """Where one sample's masks go: `length` positions, of which `valid` ones are real (not padding; None: all) and
+    `maskable` ones may be predicted (text: not a special token; None: every valid one); images: their (h, w) grid."""
+
+    length: int
+    valid: np.ndarray | None = None  # (length,) bool
+    maskable: np.ndarray | None = None  # (length,) bool
+    grid: tuple[int, int] | None = None
+
+    @property
+    def valid_count(self) -> int:
+        """Valid positions; for speech they are a prefix of the row (padding comes after the audio)."""
+        return self.length if self.valid is None else int(self.valid.sum())
+
+
+def _text_random(mc, rng: np.random.Generator, clones: int, site: Site) -> np.ndarray:
+    where = np.flatnonzero(site.valid) if site.valid is not None else np.arange(site.length)
+    rows = np.zeros((clones, site.length), dtype=bool)
+    for c in range(clones):
+        rows[c, where] = random_mask(where.size, where.size, mc.ratio, rng)
+    return rows
+
+
+def _text_tokens(span: int):
+    def masks(mc, rng: np.random.Generator, clones: int, site: Site) -> np.ndarray:
+        maskable = site.maskable[None] if site.maskable is not None else np.ones((1, site.length), dtype=bool)
+        return np.stack([token_masks(maskable, mc.ratio, rng, span if span else mc.span_length)[0]
+                         for _ in range(clones)])
+    return masks
+
+
+# (modality, mask.kind) -> masks(mask config, rng, clones, site) -> (clones, site.length) bool, True = masked. The
+# clones of a sample draw from its generator one after the other, so a sample's masks do not depend on the rest of
+# its batch. v1 recipes use clones = 1.
+MASK_KINDS: dict[tuple[str, str], Callable[..., np.ndarray]] = {
+    ("vision", "block"): lambda mc, rng, clones, site: block_masks(clones, site.grid, mc.ratio, rng, mc.min_block,
+                                                                   mc.aspect_min),
+    ("vision", "inverse_block"): lambda mc, rng, clones, site: inverse_block_masks(clones, site.grid, mc.ratio, rng,
+                                                                                   mc.block_size, mc.adjust),
+    ("speech", "span"): lambda mc, rng, clones, site: span_masks(np.full(clones, site.valid_count), site.length, rng,
+                                                                 mc.span_prob, mc.span_length),
+    ("speech", "block_1d"): lambda mc, rng, clones, site: np.stack([
+        block_mask_1d(site.valid_count, site.length, mc.ratio, rng, mc.span_length, mc.adjust) for _ in range(clones)]),
+    ("text", "bert"): _text_tokens(1),
+    ("text", "span"): _text_tokens(0),  # runs of mask.span_length tokens
+    ("text", "random"): _text_random,
+}
+
+
+def kinds(modality: str) -> tuple[str, ...]:
+    """The mask kinds a modality offers."""
+    return tuple(kind for m, kind in MASK_KINDS if m == modality)
+
+
+def clone_masks(modality: str, mc, rngs: list[np.random.Generator], sites: list[Site], clones: int = 1) -> np.ndarray:
+    """(B * clones, T) bool masks of a batch by mask config `mc` (its kind and sizes): `clones` masks of sample b,
+    drawn from rngs[b], at rows b * clones .. (b + 1) * clones - 1."""
+    masks = MASK_KINDS.get((modality, mc.kind))
+    if masks is None:
+        raise ConfigError(f"mask.kind {mc.kind!r} is not available for {modality}; use "
+                          + " or ".join(repr(k) for k in kinds(modality)))
+    return np.concatenate([masks(mc, rng, clones, site) for rng, site in zip(rngs, sites)])

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d2v.errors import DataError
+from d2v.core.errors import DataError
+from d2v.data.labelled import load_labelled
+from d2v.encoders.features import features
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -43,11 +45,11 @@ class KnnMonitor:
 
     BUDGET = 0.10  # share of the training time the monitor may take; evaluations past it wait (the last one runs)
 
-    def __init__(self, source: str, encoder, max_train: int = 2000, max_test: int = 1000, seed: int = 0):
-        from d2v.probe import load_labelled
-
-        self.source = source
-        train, test = load_labelled(source, encoder, "train"), load_labelled(source, encoder, "test")
+    def __init__(self, source: str, encoder, max_train: int = 2000, max_test: int = 1000, seed: int = 0,
+                 skip_bad_files: bool = False):
+        self.source = source  # skip_bad_files: the run's --skip-bad-files covers its --eval-data too
+        train = load_labelled(source, encoder, "train", skip_bad_files=skip_bad_files)
+        test = load_labelled(source, encoder, "test", skip_bad_files=skip_bad_files)
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"--eval-data {source} needs a train and a test split with items in both")
         rng = np.random.default_rng(seed)
@@ -63,8 +65,6 @@ class KnnMonitor:
 
     @torch.no_grad()
     def _features(self, encoder, dataset, device) -> torch.Tensor:
-        from d2v.probe import features
-
         return torch.from_numpy(features(encoder, dataset, batch_size=128, device=device)).float()
 
     def evaluate(self, model, device) -> dict[str, float]:

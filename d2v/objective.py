@@ -4,57 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from d2v import ops
-from d2v.config import DecoderConfig, EMAConfig, TargetConfig
-
-
-@dataclass
-class Batch:
-    """One micro-batch on the device.
-
-    inputs: what the teacher sees (images (B, C, H, W), waveforms (B, S), token ids (B, T)).
-    mask: (B, T) bool, True where the student must predict the target.
-    student_inputs: the corrupted view when masking happens on the input itself (text); else the student gets
-    `inputs` plus `mask` and replaces masked positions by its mask embedding.
-    padding_mask: (B, S) bool, True at padded input positions, or None.
-    data2vec 2.0 (clones >= 1 masked views per sample): mask is (B * clones, T), clone i of sample i // clones;
-    keep (B * clones, Tk) the positions each clone's student encodes (d2v.masking.kept_positions), keep_padding
-    (B * clones, Tk) True at filler slots, or None.
-    """
-
-    inputs: torch.Tensor
-    mask: torch.Tensor
-    student_inputs: torch.Tensor | None = None
-    padding_mask: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
-    keep_padding: torch.Tensor | None = None
-    clones: int = 1
-    first: int = 0  # global sample position of the first sample (data2vec 2.0's decoder noise is drawn by position)
-
-    def to(self, device: torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.inputs), move(self.mask), move(self.student_inputs), move(self.padding_mask),
-                     move(self.keep), move(self.keep_padding), self.clones, self.first)
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in [0, 2^32); products
-    stay below 2^63, so no step overflows."""
-    for mult in (0x7FEB352D, 0x5BD1E995, 0x27D4EB2F):
-        x = x ^ (x >> 15)
-        x = (x * mult) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
-def _mix32(x: torch.Tensor, mult: int) -> torch.Tensor:
-    """One multiply-xorshift round on int64 tensors holding values in [0, 2^32)."""
-    x = (x * mult) & 0xFFFFFFFF
-    return x ^ (x >> 15)
+from d2v.core.batch import Batch
+from d2v.core.config import DecoderConfig, EMAConfig, TargetConfig
+from d2v.core.device import local
+from d2v.models import build_encoder
+from d2v.models.decoder import ConvDecoder
+from d2v.models.stochastic import hash32, keyed, mix32, number_sites
 
 
 def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, int], device,
@@ -70,17 +30,17 @@ def position_noise(seed: int, first: int, clones: int, shape: tuple[int, int, in
     dozen int64 temporaries stay in cache: (512, 64, 768) in 0.35 s instead of 1.7 s (2 threads, idle), and
     bit-identical to it. On a GPU one pass (chunk_elements 0) avoids a launch per chunk."""
     B2, T, D = shape
-    salt = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    salt = hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
     rows = torch.arange(B2, device=device, dtype=torch.int64) + first * clones
-    key = _hash32(_hash32((rows >> 32) ^ salt) ^ (rows & 0xFFFFFFFF))  # (B2,)
-    key = _hash32(key[:, None] ^ torch.arange(T, device=device, dtype=torch.int64)[None, :])  # (B2, T)
-    col = _hash32(torch.arange(D, device=device, dtype=torch.int64) + 0x9E3779B9)  # (D,)
-    k1, k2 = key[:, :, None], _hash32(key ^ 0x1B873593)[:, :, None]
-    c1, c2 = col[None, None], _hash32(col ^ 0x68E31DA4)[None, None]
+    key = hash32(hash32((rows >> 32) ^ salt) ^ (rows & 0xFFFFFFFF))  # (B2,)
+    key = hash32(key[:, None] ^ torch.arange(T, device=device, dtype=torch.int64)[None, :])  # (B2, T)
+    col = hash32(torch.arange(D, device=device, dtype=torch.int64) + 0x9E3779B9)  # (D,)
+    k1, k2 = key[:, :, None], hash32(key ^ 0x1B873593)[:, :, None]
+    c1, c2 = col[None, None], hash32(col ^ 0x68E31DA4)[None, None]
 
     def normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        u1 = (_mix32(a ^ c1, 0x5BD1E995).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
-        u2 = _mix32(b ^ c2, 0x27D4EB2F).to(torch.float32) * (1.0 / 4294967296.0)  # [0, 1)
+        u1 = (mix32(a ^ c1, 0x5BD1E995).to(torch.float32) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]
+        u2 = mix32(b ^ c2, 0x27D4EB2F).to(torch.float32) * (1.0 / 4294967296.0)  # [0, 1)
         return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
     if chunk_elements is None:
@@ -107,11 +67,6 @@ def build_head(kind: str, dim: int) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
     raise ValueError(f"unknown head {kind!r}; expected 'linear' or 'mlp'")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (FSDP), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _masked_std(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -143,8 +98,6 @@ class Data2Vec(nn.Module):
         self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
         self.v2 = decoder is not None
         if self.v2:
-            from d2v.models.decoder import ConvDecoder
-
             self.decoder = ConvDecoder(decoder, encoder.dim, encoder.dim, getattr(encoder, "grid", None))
             for name, p in encoder.named_parameters():  # what only a v1 student uses (its masked view)
                 if name in ("mask_emb", "mask_token"):
@@ -161,13 +114,16 @@ class Data2Vec(nn.Module):
             targets.loss_scale
         ]
         self._pairs = self._ema_pairs()
-        # The teacher reuses the student's front-end output (one conv pass fewer per step) when it shares every
-        # front-end parameter: then both compute the same values.
+        # The teacher's input is the student's front-end output when it shares every front-end parameter, as the
+        # reference's teacher takes its student's local features: speech, the projected conv features (the same
+        # values, one conv pass fewer per step); data2vec 2.0 text, the embedding output after the student's
+        # dropout (ema_encoder_only). A v1 text student embeds its corrupted ids and returns no features.
         front = tuple(getattr(encoder, "front_end", ()))
         self.reuse_features = bool(front) and all(any(p.startswith(s) for s in ema.shared) for p in front)
         self.mask_id = getattr(getattr(encoder, "cfg", None), "mask_id", None)  # text: the <mask> token id
         if self.v2:
             self.mask_id = None  # a data2vec 2.0 student never sees <mask>: it skips masked tokens
+        number_sites(self)  # the call sites of dropout, drop-path and LayerDrop, head and decoder included
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -196,10 +152,10 @@ class Data2Vec(nn.Module):
         decay = ema_decay(self.ema_cfg, step)
         averaged, copied = self._pairs
         if averaged:  # sharded (FSDP) teacher and student: each rank averages its own, identically placed shards
-            ops.ema_update_([_local(t) for t, _ in averaged], [_local(s) for _, s in averaged], decay,
+            ops.ema_update_([local(t) for t, _ in averaged], [local(s) for _, s in averaged], decay,
                             backend=self.backend)
         for t, s in copied:
-            _local(t).copy_(_local(s))
+            local(t).copy_(local(s))
         return decay
 
     def rebind(self) -> None:
@@ -233,7 +189,10 @@ class Data2Vec(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.targets_cfg
-        pred, out = self._predict_v2(batch) if self.v2 else self._predict_v1(batch)
+        # Dropout, drop-path and LayerDrop by sample position (d2v.models.stochastic): a sample draws the same masks
+        # in whichever process and micro-batch it is trained
+        with keyed(self.seed, batch.first, batch.inputs.shape[0], batch.mask.device):
+            pred, out = self._predict_v2(batch) if self.v2 else self._predict_v1(batch)
         clones = batch.clones if self.v2 else 1
         with torch.inference_mode():  # no autograd records, and no version counters or view tracking either
             reuse = {"features": out.features.detach()} if self.reuse_features and out.features is not None else {}
@@ -279,8 +238,6 @@ class Data2Vec(nn.Module):
 
 def build_objective(cfg, encoder: nn.Module | None = None) -> Data2Vec:
     """The objective of a PretrainConfig: its recipe picks the student path (v1: head, v2: decoder)."""
-    from d2v.models import build_encoder
-
     encoder = build_encoder(cfg.model) if encoder is None else encoder
     return Data2Vec(encoder, cfg.targets, cfg.ema, backend=cfg.run.kernels,
                     decoder=cfg.decoder if cfg.recipe == "v2" else None, seed=cfg.run.seed)

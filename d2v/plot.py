@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from d2v.errors import DataError, UserError
+from d2v.core.errors import DataError, UserError
+from d2v.runtime.metrics import read_metrics as read_log
 
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tau", "EMA tau"), (("target_std", "pred_std"), "std"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl in step order; unreadable lines (a crash mid-write) are skipped."""
-    from d2v.rundir import read_metrics as read_log
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise DataError(f"{run_dir} has no metrics.jsonl (is it a d2v run directory?)")
@@ -45,6 +44,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     panels = list(PANELS) + ([(tuple(accuracy_keys(records)), "accuracy")] if accuracy_keys(records) else [])
+    # only what the run logged: a fine-tuning run has no EMA tau or target std
+    panels = [(keys, title) for keys, title in panels
+              if any(_series(records, k)[0] for k in ((keys,) if isinstance(keys, str) else keys))]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.1 * len(panels)), sharex=True, squeeze=False)
     for ax, (keys, title) in zip(axes[:, 0], panels):
         for key in (keys,) if isinstance(keys, str) else keys:

@@ -1,13 +1,19 @@
-"""Linear probe: a logistic-regression classifier on frozen `embed` features; reports test accuracy."""
+"""Linear probe: a logistic-regression classifier on frozen `embed` features; reports test accuracy. On SentEval's
+sentence sets (`mr`, `trec`: d2v.data.sentences) it cross-validates over their fixed folds and reports, beside the
+encoder, what the words alone carry (TF-IDF logistic regression) and the untrained architecture (random init)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from d2v.errors import DataError
+from d2v.core.errors import DataError, check_count
+from d2v.data.corpus import LabelledText
+from d2v.data.labelled import load_labelled, skipped_files
+from d2v.data.sentences import TASKS, SentenceTask, load_sentence_task
+from d2v.encoders.features import features
+from d2v.encoders.load import load_encoder, random_encoder
 
 
 @dataclass
@@ -19,57 +25,18 @@ class ProbeResult:
     n_classes: int
     feature_dim: int
     random_init: bool
-
-
-@torch.no_grad()
-def features(encoder, dataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None) -> np.ndarray:
-    """(N, D) float64 embeddings of every item of a dataset."""
-    encoder = encoder.to(device)
-    batch_size = min(batch_size, getattr(dataset, "max_batch", batch_size))
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(dataset)))
-        inputs = dataset.get_batch(idx)  # a tensor, or a tuple such as (waveforms, padding mask)
-        inputs = tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else (inputs.to(device),)
-        out.append(encoder.embed(*inputs).float().cpu())
-        if progress is not None:
-            progress(len(idx))
-    return torch.cat(out).double().numpy()
-
-
-def load_labelled(source: str, encoder, split: str, holdout: list[str] | None = None):
-    """A labelled split of `source` shaped for the encoder (images resized to its input size)."""
-    from d2v.data.vision import load_images
-
-    cfg = encoder.cfg
-    if cfg.modality == "speech":
-        from d2v.data.speech import default_holdout, labelled_split, load_audio
-
-        return labelled_split(load_audio(source, sample_rate=cfg.sample_rate, min_samples=encoder.receptive_field),
-                              split, holdout or default_holdout(source))
-    if holdout:
-        raise DataError("--holdout is available for speech folders only")
-    if cfg.modality == "text":
-        from d2v.data.text import load_labelled_text
-
-        if encoder.tokenizer is None:
-            raise DataError("the text encoder has no tokenizer.json beside its weights; re-export the run")
-        return load_labelled_text(source, split, encoder.tokenizer, cfg.max_length)
-    ds = load_images(source, split, image_size=cfg.image_size)
-    if ds.labels is None:
-        raise DataError(f"{source} has no labels (use a folder with one sub-folder per class, or an .npz with labels)")
-    if ds.shape[0] != cfg.in_chans:
-        raise DataError(f"{source} has {ds.shape[0]}-channel images but the encoder expects {cfg.in_chans}")
-    return ds
+    skipped_files: list = field(default_factory=list)  # (file, why) of each file left out (--skip-bad-files)
 
 
 def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: int = 0, random_init: bool = False,
-                 progress=None, holdout: list[str] | None = None) -> ProbeResult:
+                 progress=None, holdout: list[str] | None = None, skip_bad_files: bool = False) -> ProbeResult:
     """Fit logistic regression on train-split features of `source`; score it on the test split."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    train, test = load_labelled(source, encoder, "train", holdout), load_labelled(source, encoder, "test", holdout)
+    check_count("--max-train", max_train, 0, 10**9, zero="all")  # a negative count would slice from the end
+    train = load_labelled(source, encoder, "train", holdout, skip_bad_files)
+    test = load_labelled(source, encoder, "test", holdout, skip_bad_files)
     if max_train and len(train) > max_train:
         keep = np.random.default_rng(seed).permutation(len(train))[:max_train]
         train = train.subset(np.sort(keep))
@@ -88,11 +55,101 @@ def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: i
         train_accuracy=float(clf.score(scaler.transform(x_train), y_train)),
         n_train=len(train), n_test=len(test), n_classes=int(len(np.unique(y_train))),
         feature_dim=int(x_train.shape[1]), random_init=random_init,
+        skipped_files=[list(p) for p in skipped_files(train, test)],  # found while extracting the features
     )
 
 
 def probe_path(path: str | Path, source: str, random_init: bool = False, **kwargs) -> ProbeResult:
-    from d2v.export import load_encoder, random_encoder
-
     encoder = random_encoder(path, seed=kwargs.get("seed", 0)) if random_init else load_encoder(path)
     return linear_probe(encoder, source, random_init=random_init, **kwargs)
+
+
+@dataclass
+class Scored:
+    """One row of a cross-validated probe: what was probed, its mean test accuracy over the folds and their spread."""
+
+    name: str
+    accuracy: float
+    fold_std: float
+
+
+@dataclass
+class SentenceProbeResult:
+    task: str
+    n_items: int
+    n_classes: int
+    folds: int
+    feature_dim: int
+    rows: list[Scored]  # the encoder first, then the baselines and any encoders it is compared against
+
+    @property
+    def accuracy(self) -> float:
+        return self.rows[0].accuracy
+
+
+def cross_validated(x: np.ndarray, task: SentenceTask, seed: int = 0, C: float = 1.0) -> tuple[float, float]:
+    """(mean, std) test accuracy over the task's folds of the probe's classifier (standardized features, logistic
+    regression) on features x (N, D) or a per-fold feature function fold -> (x_train, x_test)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    accs = []
+    for k in range(task.folds):
+        test = task.fold == k
+        if callable(x):
+            x_train, x_test = x(k)
+            scaler = None
+        else:
+            scaler = StandardScaler().fit(x[~test])
+            x_train, x_test = scaler.transform(x[~test]), scaler.transform(x[test])
+        clf = LogisticRegression(max_iter=2000, C=C, random_state=seed).fit(x_train, task.labels[~test])
+        accs.append(clf.score(x_test, task.labels[test]))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+def tfidf_accuracy(task: SentenceTask, seed: int = 0) -> tuple[float, float]:
+    """What the words alone carry: logistic regression (C = 10) on sublinear TF-IDF of word unigrams, the
+    vocabulary learnt on each training part."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def fold_features(k: int):
+        test = task.fold == k
+        vec = TfidfVectorizer(sublinear_tf=True).fit([t for t, f in zip(task.texts, test) if not f])
+        return (vec.transform([t for t, f in zip(task.texts, test) if not f]),
+                vec.transform([t for t, f in zip(task.texts, test) if f]))
+
+    return cross_validated(fold_features, task, seed, C=10.0)
+
+
+def sentence_features(encoder, task: SentenceTask, device="cpu", progress=None) -> np.ndarray:
+    """(N, D) float64 `embed` features of every sentence of the task, through the encoder's own tokenizer."""
+    if encoder.cfg.modality != "text":
+        raise DataError(f"{task.name} is a text probe; this is a {encoder.cfg.modality} encoder")
+    if encoder.tokenizer is None:
+        raise DataError("the text encoder has no tokenizer.json beside its weights; re-export the run")
+    data = LabelledText(task.texts, task.labels, task.classes, encoder.tokenizer, encoder.cfg.max_length)
+    return features(encoder, data, device=device, progress=progress)
+
+
+def sentence_probe(path: str | Path, task_name: str, baselines: bool = True, against: list[str] | None = None,
+                   device="cpu", seed: int = 0, random_init: bool = False, progress=None) -> SentenceProbeResult:
+    """SentEval's protocol on `mr` or `trec` for the encoder at `path` (random init with random_init), then, with
+    baselines, TF-IDF and the random-init architecture, then each encoder in `against` (e.g. the 1-update encoder
+    of the same run), all on the same folds."""
+    task = load_sentence_task(task_name)
+    encoder = random_encoder(path, seed=seed) if random_init else load_encoder(path)
+    x = sentence_features(encoder, task, device, progress)
+    rows = [Scored("random init" if random_init else "encoder", *cross_validated(x, task, seed))]
+    if baselines:
+        rows.append(Scored("TF-IDF of the words", *tfidf_accuracy(task, seed)))
+        if not random_init:
+            x_random = sentence_features(random_encoder(path, seed=seed), task, device, progress)
+            rows.append(Scored("random init", *cross_validated(x_random, task, seed)))
+    for other in against or []:
+        rows.append(Scored(str(other), *cross_validated(sentence_features(load_encoder(other), task, device,
+                                                                          progress), task, seed)))
+    return SentenceProbeResult(task.name, len(task.texts), len(task.classes), task.folds, int(x.shape[1]), rows)
+
+
+def is_sentence_task(source: str) -> bool:
+    return source in TASKS

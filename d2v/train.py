@@ -1,125 +1,66 @@
-"""The training loop, shared by every modality: one optimizer step = grad_accum micro-batches through the
-data2vec objective, clipping, the optimizer, then the EMA teacher update."""
+"""`d2v pretrain`: the one training loop of every modality and both recipes.
+
+One optimizer update is grad_accum micro-batches through the data2vec objective (d2v.objective), the gradient
+scaled to the mean over the global batch's masked positions, clipping, the optimizer step and the EMA teacher update
+(Trainer.update). Around it, the loop (train) calls named pieces: set-up (setup, begin), the metrics log
+(d2v.runtime.metrics), health checks (Health), the k-NN monitor (d2v.monitor), the agreement of all processes on
+stopping and saving (d2v.runtime.distributed.agree) and the checkpointer (d2v.runtime.checkpointer)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from d2v import checkpoint as ckpt
-from d2v import distributed, rundir
-from d2v.config import PretrainConfig, from_dict
+from d2v.core.config import PretrainConfig, from_dict, set_by_path
+from d2v.core.device import free_bytes, local, resolve_device, resolve_precision
+from d2v.core.errors import CheckpointError, ConfigError, UserError
+from d2v.core.files import atomic_write_bytes, atomic_write_json
+from d2v.core.presets import default_recipe, preset_config
 from d2v.data.loader import batch_loader
-from d2v.data.pipeline import build_pipeline, torch_seed
-from d2v.errors import CheckpointError, ConfigError, UserError
+from d2v.data.pipeline import Pipeline, build_pipeline, resolve_source
+from d2v.data.sources import skipped_summary, write_skipped_files
+from d2v.encoders.init import adopt_layout, init_from, layout_conflicts, source_recipe
+from d2v.models.common import set_activation_checkpointing
+from d2v.monitor import KnnMonitor
 from d2v.objective import Data2Vec, build_objective
 from d2v.ops import backends
+from d2v.plot import plot_run
+from d2v.runtime import checkpoint as ckpt
+from d2v.runtime import cost, distributed, rundir
+from d2v.runtime.checkpointer import Checkpointer, finite
+from d2v.runtime.metrics import METRICS, MetricsLog, last_logged
+from d2v.runtime.params import no_decay_rule, param_groups
+from d2v.runtime.progress import progress_bar
+from d2v.runtime.schedule import lr_at, set_lr
+from d2v.validation import check_modality_fields, field_name, validate_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N as a torch.device that exists here; otherwise a ConfigError saying why."""
-    name = name.strip()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name} was asked for, but no CUDA device is visible to torch")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} was asked for, but only {torch.cuda.device_count()} CUDA device(s) "
-                              "are visible")
-    return torch.device(name)
-
-
-def lr_at(cfg, step: int, total: int) -> float:
-    """Learning rate of optimizer update `step` (0-based) of `total`."""
-    o = cfg
-    warmup = int(round(o.warmup_fraction * total))
-    if step < warmup:
-        start = 0.01 if o.schedule == "tri_stage" else 0.0
-        return o.lr * (start + (1 - start) * (step + 1) / warmup)
-    if o.schedule == "constant":
-        return o.lr
-    if o.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return o.lr * (o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    if o.schedule == "tri_stage":
-        hold = int(round(o.hold_fraction * total))
-        if step < warmup + hold:
-            return o.lr
-        progress = (step - warmup - hold) / max(1, total - warmup - hold)
-        return o.lr * math.exp(math.log(max(o.final_lr_ratio, 1e-8)) * progress)
-    raise ConfigError(f"unknown lr schedule {o.schedule!r}; use cosine, tri_stage or constant")
-
-
-def param_groups(model: Data2Vec, weight_decay: float, exempt: list[str] | tuple[str, ...] = ("1d", "bias")) -> list[dict]:
-    """AdamW groups: weight decay on every trainable parameter except those `exempt` names (optim.no_decay):
-    "1d" (at most one dimension), "bias" (names ending in .bias), or a named student parameter (NO_DECAY_NAMES)."""
-    from d2v.config import NO_DECAY_NAMES
-
-    prefixes = tuple(f"student.{NO_DECAY_NAMES[r]}" for r in exempt if r in NO_DECAY_NAMES)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = (("1d" in exempt and p.ndim <= 1) or ("bias" in exempt and name.endswith(".bias"))
-                or (bool(prefixes) and name.startswith(prefixes)))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def validate(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True) -> None:
-    """Every check of the config (see d2v.validation); data_ready once the data has filled its fields."""
-    from d2v.validation import validate_config
-
-    validate_config(cfg, data_ready, memory)
-
-
 # --compile auto compiles a CUDA run of at least this many updates: compiling the forward takes about a minute
 # there, so the few percent a step saves must be repaid over many steps. Never on the CPU: on the 2-core test machine
 # compiling took 552 s and made the tiny preset's step 9% faster (break-even after ~5000 steps; bench/RESULTS.md).
 COMPILE_MIN_STEPS = 2000
-
-
-def use_compile(mode: str, device_type: str, steps: int) -> bool:
-    """Whether run.compile = mode compiles the forward of a run of `steps` updates on `device_type`."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    return device_type == "cuda" and steps >= COMPILE_MIN_STEPS
-
-
-def compile_forward(model) -> None:
-    """torch.compile the student's path (encoder + head or decoder) and the teacher's encoder; the weights, the EMA
-    and the checkpoints are the uncompiled modules' own (the hot ops are custom ops that compile as one node)."""
-    for attr in ("_predict_v1", "_predict_v2"):
-        if hasattr(model, attr):
-            setattr(model, attr, torch.compile(getattr(model, attr)))
-    model.teacher.encode = torch.compile(model.teacher.encode)
-
-
-class _NoTimes:
-    """The step timer of a normal run: times nothing (d2v.bench.pretrain.StepTimes is the real one)."""
-
-    def attach(self, model) -> None:
-        pass
-
-    def phase(self, name: str):
-        return contextlib.nullcontext()
-
-    def step_done(self) -> None:
-        pass
+# A run whose typical (median) logged window ran below this fraction of its own best window was slowed by something
+# outside it (mostly another busy process on the same CPUs); the summary says so.
+SLOW_FRACTION = 0.5
+SLOW_MIN_WINDOWS = 4
+# Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding),
+# and where it logs (a tracker added on --resume first gets the rows of metrics.jsonl).
+RESUME_MAY_CHANGE = ("run.device", "run.kernels", "run.compile", "data.num_workers", "run.grad_accum",
+                     "run.strategy", "run.checkpoint_minutes", "run.log",
+                     "run.activation_checkpointing", "run.fused_adamw")
+# Extending a run: `--resume --steps N` with N above the saved total continues it (optimizer, teacher, data position
+# kept) to N updates. The rule for the schedules: from the update it resumes at, the run follows exactly the schedules
+# of the same config planned for N updates from the start. The learning rate's warm-up and cosine (or tri-stage)
+# are fractions of run.steps, so they are recomputed over N (as fairseq's schedulers do when --max-update is raised
+# on resume): a finished cosine run at its final lr resumes at the N-update cosine's value there and decays again to
+# the final lr at N. The EMA's anneal is a count of updates (ema.anneal_steps), not a fraction, so it is unchanged:
+# past it, tau stays at ema.end_decay. The updates already done are not touched; a total can only grow.
+RESUME_MAY_EXTEND = "run.steps"
 
 
 class DivergedError(UserError):
@@ -142,12 +83,8 @@ class Summary:
     signal: int = 0  # the signal that stopped the run (SIGINT, SIGTERM), 0 if none
     complete: bool = False  # resumed a run that had already finished: nothing was done
     slow_warning: str = ""  # throughput_drop's sentence, when the run was far slower than its own best
-
-
-# A run whose typical (median) logged window ran below this fraction of its own best window was slowed by something
-# outside it (mostly another busy process on the same CPUs); the summary says so.
-SLOW_FRACTION = 0.5
-SLOW_MIN_WINDOWS = 4
+    skipped_text: str = ""  # the count and the first few files left out, and where all are listed
+    drawn: tuple[int, ...] = ()  # a mixture: samples drawn from each data.sources entry over the whole run
 
 
 def throughput_drop(rates: list[float]) -> str:
@@ -164,11 +101,47 @@ def throughput_drop(rates: list[float]) -> str:
             f"window ({best:.0f} samples/s): other processes were probably busy on the same CPUs")
 
 
-_StopFlag = distributed.StopSignals  # Ctrl-C / SIGTERM / SIGUSR1 -> save and stop (d2v.finetune uses it too)
+def use_compile(mode: str, device_type: str, steps: int) -> bool:
+    """Whether run.compile = mode compiles the forward of a run of `steps` updates on `device_type`."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return device_type == "cuda" and steps >= COMPILE_MIN_STEPS
 
-# Where a run executes, not what it computes (the micro-batch split and sharding change only float rounding).
-RESUME_MAY_CHANGE = ("run.device", "run.kernels", "run.compile", "data.num_workers", "run.grad_accum",
-                     "run.strategy", "run.checkpoint_minutes")
+
+def use_fused_adamw(mode: str, device_type: str) -> bool:
+    """Whether run.fused_adamw = mode makes AdamW one fused kernel on `device_type` (auto: on CUDA, where the
+    foreach version launches several kernels per parameter group and step)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return device_type == "cuda"
+
+
+def compile_forward(model) -> None:
+    """torch.compile the student's path (encoder + head or decoder) and the teacher's encoder; the weights, the EMA
+    and the checkpoints are the uncompiled modules' own (the hot ops are custom ops that compile as one node)."""
+    for attr in ("_predict_v1", "_predict_v2"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.compile(getattr(model, attr)))
+    model.teacher.encode = torch.compile(model.teacher.encode)
+
+
+class NoTimes:
+    """The step timer of a normal run: times nothing (d2v.bench.pretrain.StepTimes is the real one)."""
+
+    def attach(self, model) -> None:
+        pass
+
+    def phase(self, name: str):
+        return contextlib.nullcontext()
+
+    def step_done(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- the run's config
+def validate(cfg: PretrainConfig, data_ready: bool = False, memory: bool = True) -> None:
+    """Every check of the config (see d2v.validation); data_ready once the data has filled its fields."""
+    validate_config(cfg, data_ready, memory)
 
 
 def resolve_run_dir(cfg: PretrainConfig, out: Path | None, when: float | None = None) -> Path:
@@ -193,36 +166,99 @@ def load_run_config(run_dir: Path) -> PretrainConfig:
     return cfg
 
 
-def _open_run(cfg: PretrainConfig, run_dir: Path, resume: bool, say) -> tuple[rundir.RunLock, bool]:
-    """Create/lock the run directory; returns (lock, whether to start from scratch)."""
-    if not resume:
-        rundir.check_new_run_target(run_dir)
-    else:
-        rundir.check_writable_dir(run_dir, "--out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = rundir.RunLock(run_dir).acquire()
-    try:
-        for p in ckpt.remove_partial(run_dir):
-            say(f"Removed {p.name}, a partial checkpoint left by a process that was killed while saving.")
-        saved = rundir.has_checkpoint(run_dir)
-        if resume and not saved:
-            say(f"{run_dir} has no checkpoint yet: starting the run again from scratch with its saved config.")
-        elif not resume and rundir.is_run_dir(run_dir):
-            if saved:
-                raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-            say(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again from scratch.")
-    except BaseException:
-        lock.release()
-        raise
-    return lock, not (resume and saved)
+def run_config(given: dict, resume: bool, out: Path | None, preset: str | None = None, modality: str | None = None,
+               recipe: str | None = None) -> PretrainConfig:
+    """The config of a `d2v pretrain` command: the preset of (modality, recipe) with `given` (dotted key -> value)
+    applied, data paths made absolute; with resume, the saved run's config, with the options not given taken from
+    the run and only where it runs (RESUME_MAY_CHANGE) allowed to change."""
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+        cfg = load_run_config(out)
+        check_modality_fields(given, modality or cfg.modality)
+        apply_resume_overrides(cfg, given, preset, modality)
+        if recipe is not None and recipe != cfg.recipe:
+            raise ConfigError(f"--recipe cannot change when resuming (the run uses {cfg.recipe}); start a new run "
+                              "instead")
+        return cfg
+    modality = modality or "vision"
+    check_modality_fields(given, modality)
+    if recipe is None:  # the modality's default, unless --init-from's encoder can only train under the other
+        recipe = default_recipe(modality)
+        if given.get("run.init_from"):
+            recipe = source_recipe(resolve_source(given["run.init_from"]), modality, recipe)
+    cfg = preset_config(modality, preset, recipe)
+    for key, value in given.items():
+        set_by_path(cfg, key, value)
+    cfg.data.source = resolve_source(cfg.data.source) if cfg.data.source else ""
+    cfg.data.sources = [resolve_source(s) for s in cfg.data.sources]
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
+    cfg.run.eval_data = resolve_source(cfg.run.eval_data) if cfg.run.eval_data else ""
+    cfg.run.init_from = resolve_source(cfg.run.init_from) if cfg.run.init_from else ""
+    if cfg.run.init_from:
+        refuse_layout_overrides(cfg, set(given))
+    return cfg
 
 
+def refuse_layout_overrides(cfg: PretrainConfig, given: set[str]) -> None:
+    """--init-from keeps its encoder's layout; an option the user gave that it would override is an error naming
+    both values, never silently dropped."""
+    for key, mine, theirs in layout_conflicts(cfg, given)[:1]:
+        raise ConfigError(f"{field_name(key)} {mine!r} conflicts with --init-from {cfg.run.init_from}, whose encoder "
+                          f"has {theirs!r}: --init-from keeps the encoder's layout (vision data is resized to its "
+                          f"image size); leave the option out, or start a new model without --init-from")
+
+
+def apply_resume_overrides(saved: PretrainConfig, given: dict, preset: str | None, modality: str | None) -> None:
+    """Resuming continues the saved run exactly: options not given come from the run; options that would change
+    it are refused; only where it runs (device, workers) may change."""
+    if preset is not None and preset != saved.preset:
+        raise ConfigError(f"--preset cannot change when resuming (the run uses {saved.preset!r}); start a new run instead")
+    if modality is not None and modality != saved.modality:
+        raise ConfigError(f"--modality cannot change when resuming (the run is {saved.modality}); start a new run instead")
+    changed = from_dict(PretrainConfig, saved.to_dict())
+    for key, value in given.items():
+        set_by_path(changed, key, value)
+    if "data.source" in given:
+        changed.data.source = resolve_source(changed.data.source) if changed.data.source else ""
+    if "data.sources" in given:
+        changed.data.sources = [resolve_source(s) for s in changed.data.sources]
+    allowed = set(RESUME_MAY_CHANGE)
+    for key in sorted(given.keys() - allowed):
+        section, name = key.split(".", 1)
+        before, after = getattr(getattr(saved, section), name), getattr(getattr(changed, section), name)
+        if key == RESUME_MAY_EXTEND and after != before:
+            if after < before:
+                raise ConfigError(f"--steps {after} is below the run's total of {before} updates: resuming can "
+                                  "extend a run, not shorten it (export an earlier checkpoint instead)")
+            continue
+        if before != after and not (key == "model.image_size" and after == 0):
+            raise ConfigError(f"{key} cannot change when resuming (saved: {before!r}); start a new run instead")
+    for key in given.keys() & allowed:
+        set_by_path(saved, key, given[key])
+    saved.run.steps = max(saved.run.steps, changed.run.steps)
+
+
+def prepare(cfg: PretrainConfig, run_dir: Path | None = None, resume: bool = False, memory: bool = True) -> Pipeline:
+    """What a run needs before its first step, in order: the --init-from encoder's layout (a new run), the data
+    pipeline, which fills the data-dependent model fields (a resumed run reads its saved file list from run_dir), and
+    the checks that need those fields."""
+    if cfg.run.init_from and not resume:
+        adopt_layout(cfg)
+    pipeline = build_pipeline(cfg, run_dir if resume else None)
+    validate(cfg, data_ready=True, memory=memory)
+    return pipeline
+
+
+# ---------------------------------------------------------------------------------------------- entry point
 def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False, console=None,
              progress: bool = True, step_times=None) -> Summary:
     """Pretrain per `cfg`, writing a run directory; returns what the run did. With resume the run's saved config
-    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`.
+    is used, except for the fields in RESUME_MAY_CHANGE (where it runs), which come from `cfg`, and run.steps when
+    `cfg`'s is larger: the run is extended to it (RESUME_MAY_EXTEND says how its schedules continue).
 
-    Under torchrun every process calls this; they join one process group and train one run (d2v.distributed).
+    Under torchrun every process calls this; they join one process group and train one run (d2v.runtime.distributed).
     step_times: an object timing the step's phases (d2v.bench.pretrain.StepTimes), or None."""
     from rich.console import Console
 
@@ -233,19 +269,21 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         for key in RESUME_MAY_CHANGE:
             section, name = key.split(".")
             setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+        saved.run.steps = max(saved.run.steps, cfg.run.steps)  # an extension (RESUME_MAY_EXTEND)
         cfg = saved
     validate(cfg)
     distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, distributed.env_world_size())
     if distributed.launched():
         distributed.check_strategy(cfg)
     device = resolve_device(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)  # saved resolved: a resume keeps it
     backends.resolve(cfg.run.kernels, device.type)  # an unavailable backend fails before any work
     dist = distributed.init(device)
     try:
         console = console or Console()
         if not dist.is_main:
             console, progress = Console(quiet=True), False  # one progress display and one log: rank 0's
-        return _pretrain(cfg, out, resume, console, progress, dist, step_times or _NoTimes())
+        return _pretrain(cfg, out, resume, console, progress, dist, step_times or NoTimes())
     finally:
         distributed.shutdown(dist)
 
@@ -255,21 +293,15 @@ def _pretrain(cfg, out, resume: bool, console, progress: bool, dist, times) -> S
 
     say = lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)  # noqa: E731
     run_dir = resolve_run_dir(cfg, out, when=distributed.broadcast_int(int(time.time()), dist))
-    device = dist.device
-    if device.type == "cpu" and cfg.run.precision == "fp16":
+    if dist.device.type == "cpu" and cfg.run.precision == "fp16":
         say("Warning: fp16 on a CPU is emulated and about 14x slower than fp32; --precision bf16 is fast here.")
     wall0 = time.perf_counter()
-
-    if cfg.run.init_from and not resume:
-        adopt_layout(cfg)
-    # fills data-dependent model fields (image size, channels, pixel stats); a resumed run reads its saved data list
-    pipeline = build_pipeline(cfg, run_dir if resume else None)
-    validate(cfg, data_ready=True)  # again, with the fields the data filled in
+    pipeline = prepare(cfg, run_dir, resume)
     distributed.check_same(cfg.to_json(), "configs (data-dependent fields differ)", dist)
     lock, fresh, error = None, True, None
     if dist.is_main:  # rank 0 owns the run directory
         try:
-            lock, fresh = _open_run(cfg, run_dir, resume, say)
+            lock, fresh = rundir.open_run(run_dir, resume, say)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = exc
     failed, fresh = distributed.agree([int(error is not None), int(fresh) if dist.is_main else 0], dist)
@@ -278,307 +310,450 @@ def _pretrain(cfg, out, resume: bool, console, progress: bool, dist, times) -> S
     if failed:
         raise CheckpointError(f"rank 0 could not open the run directory {run_dir} (its error is shown above)")
     try:
-        return _train(cfg, run_dir, bool(fresh), pipeline, device, console, say, progress, wall0, dist, times)
+        return train(cfg, run_dir, bool(fresh), pipeline, console, say, progress, wall0, dist, times)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, run_dir: Path, fresh: bool, pipeline, device, console, say, progress: bool, wall0: float,
-           dist, times) -> Summary:
-    main = dist.is_main
+# ---------------------------------------------------------------------------------------------- one update
+@dataclass
+class Trainer:
+    """What one update touches, built once by setup()."""
+
+    cfg: PretrainConfig
+    pipeline: Pipeline
+    model: Data2Vec
+    engine: torch.nn.Module  # the model itself, DDP around it, or the FSDP-sharded model
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plan: distributed.BatchPlan
+    dist: distributed.Dist
+    strategy: str  # "single", "ddp" or "fsdp"
+    times: object
+    in_update: bool = False  # between optimizer.step and the EMA update: a checkpoint now would be inconsistent
+
+    def __post_init__(self):
+        self.device = self.dist.device
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        amp_dtype = PRECISIONS[self.cfg.run.precision]
+        # FSDP2 gathers bf16 parameters (its mixed-precision policy); autocast still picks each op's precision
+        self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype is not None
+                         else contextlib.nullcontext())
+
+    def update(self, step: int, total: int, batches) -> tuple[torch.Tensor, bool, float | None, float]:
+        """Optimizer update `step` of `total`: its micro-batches forward and backward, then clipping, the optimizer
+        step and the EMA update. Returns (sums over micro-batches and ranks of loss x masked count, masked count,
+        target std and prediction std; whether the update happened (fp16 skips overflowing ones); tau; lr)."""
+        cfg, times = self.cfg, self.times
+        lr = lr_at(cfg.optim, step, total)
+        set_lr(self.optimizer, lr)
+        sums = torch.zeros(4, device=self.device)
+        for micro in range(self.plan.accum):
+            with times.phase("data"):
+                first, batch = next(batches)  # dropout, drop-path, LayerDrop: keyed by batch.first (the objective)
+                batch = self.pipeline.on_device(batch.to(self.device), first)
+            with distributed.no_sync(self.engine, last=micro == self.plan.accum - 1):
+                with self.autocast, times.phase("loss"):  # the forward's other parts are timed inside it
+                    loss, stats = self.engine(batch)
+                # The loss summed over masked positions; the gradient is divided by the global count below, so every
+                # masked position weighs the same however the batch is split over ranks and micro-batches (speech
+                # and text masks differ in size from sample to sample).
+                with times.phase("backward"):
+                    self.scaler.scale(loss * stats["masked"]).backward()
+            sums += torch.stack([loss.detach() * stats["masked"], stats["masked"], stats["target_std"],
+                                 stats["pred_std"]]).float()
+        distributed.all_sum_(sums, self.dist)
+        self.in_update = True
+        advanced = self._step(sums[1])
+        tau = None
+        if advanced:
+            with times.phase("ema"):
+                tau = self.model.ema_step(step + 1)
+            times.step_done()
+        self.in_update = False
+        return sums, advanced, tau, lr
+
+    def _step(self, masked: torch.Tensor) -> bool:
+        """Gradients to the mean over the global masked count, clipped, one optimizer step. False when the grad
+        scaler lowered its scale: the gradients overflowed, the optimizer did not step, and so neither do the step
+        count, the LR schedule or the EMA (as fairseq does)."""
+        with self.times.phase("optimizer"):
+            # DDP / FSDP averaged the gradients over ranks: times world / (global masked count) makes the mean
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, self.dist.world / masked.clamp_min(1.0))
+            if self.cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad)
+            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        return not (self.scaler.is_enabled() and self.scaler.get_scale() < scale_before)
+
+
+def setup(cfg: PretrainConfig, pipeline: Pipeline, dist, fresh: bool, say, times) -> Trainer:
+    """The objective (seeded), compiled where it pays, --init-from weights, the process wrapper, the optimizer."""
     torch.manual_seed(cfg.run.seed)
-    model = build_objective(cfg).to(device)
-    if use_compile(cfg.run.compile, device.type, cfg.run.steps):
+    model = build_objective(cfg).to(dist.device)
+    set_activation_checkpointing(model.student, cfg.run.activation_checkpointing)  # the teacher keeps no activations
+    if use_compile(cfg.run.compile, dist.device.type, cfg.run.steps):
         compile_forward(model)
     times.attach(model)
     if fresh and cfg.run.init_from:
         init_from(model, cfg.run.init_from, say)  # before sharding: every rank loads the same full weights
-    amp_dtype = PRECISIONS[cfg.run.precision]
+    cfg.run.precision = resolve_precision(cfg.run.precision, dist.device)  # pretrain resolved it already; an
+    amp_dtype = PRECISIONS[cfg.run.precision]  # estimate or a test may hand over "auto"
     strategy = cfg.run.strategy if dist.enabled else "single"
-    find_unused = cfg.modality == "speech" and getattr(cfg.model, "layerdrop", 0) > 0  # dropped blocks get no grad
-    engine = distributed.wrap(model, dist, cfg.run.strategy, find_unused=find_unused, mp_dtype=amp_dtype)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    total, B = cfg.run.steps, cfg.run.batch_size
-    plan = distributed.batch_plan(B, cfg.run.grad_accum, dist.world, dist.rank)
-    accum = plan.accum
+    engine = distributed.wrap(model, dist, cfg.run.strategy, mp_dtype=amp_dtype)  # LayerDrop leaves no block unused
+    groups = param_groups(model.named_parameters(), cfg.optim.weight_decay, no_decay_rule(cfg.optim.no_decay))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=use_fused_adamw(cfg.run.fused_adamw, dist.device.type) or None)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
+    plan = distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, dist.world, dist.rank,
+                                  getattr(pipeline, "budget", None))
+    return Trainer(cfg, pipeline, model, engine, optimizer, scaler, plan, dist, strategy, times)
 
-    start, batches_done = 0, 0  # optimizer updates done; update-batches consumed (more when fp16 skipped some)
-    if not fresh:
-        start, batches_done = _restore(run_dir, model, optimizer, scaler, strategy)
-        lo, hi = distributed.agree([-start, start], dist)
-        if -lo != hi:
-            raise CheckpointError(f"the processes read different checkpoints of {run_dir} (steps {-lo} and {hi}); "
-                                  "every node must see the same run directory")
-        if start >= total:
-            say(f"{run_dir} is complete: it ran all {total} steps; nothing to resume. "
-                f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}-encoder")
-            return Summary(run_dir=run_dir, checkpoint=ckpt.latest_checkpoint(run_dir), steps=start,
-                           final_loss=_last_logged_loss(run_dir / "metrics.jsonl"), samples_per_s=0.0,
-                           wall_s=time.perf_counter() - wall0, interrupted=False, skipped_files=0, collapsed=False,
-                           complete=True)
+
+def begin(t: Trainer, run_dir: Path, fresh: bool, checkpointer: Checkpointer, say) -> tuple[int, int]:
+    """(updates done, update-batches consumed): restored from the newest checkpoint, or a new run's config and data
+    files written (rank 0)."""
+    if fresh:
+        if t.dist.is_main:
+            atomic_write_json(run_dir / "config.json", t.cfg.to_dict())
+            for name, data in t.pipeline.run_files().items():  # data-made files, e.g. a tokenizer
+                atomic_write_bytes(run_dir / name, data)
+        return 0, 0
+    start, batches_done = checkpointer.restore()
+    lo, hi = distributed.agree([-start, start], t.dist)
+    if -lo != hi:
+        raise CheckpointError(f"the processes read different checkpoints of {run_dir} (steps {-lo} and {hi}); "
+                              "every node must see the same run directory")
+    saved_total = load_run_config(run_dir).run.steps
+    if t.cfg.run.steps > saved_total:  # an extension: the new total is the run's from now on (a later --resume too)
+        if t.dist.is_main:
+            atomic_write_json(run_dir / "config.json", t.cfg.to_dict())
+        distributed.barrier(t.dist)
+        say(f"Extending {run_dir} from {saved_total} to {t.cfg.run.steps} updates at step {start}: the learning rate "
+            f"follows the schedule of a {t.cfg.run.steps}-update run from here (now "
+            f"{lr_at(t.cfg.optim, start, t.cfg.run.steps):.2e}); the EMA keeps its schedule")
+    elif start < t.cfg.run.steps:
         say(f"Resuming {run_dir} at step {start}")
-    elif main:
-        ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
-        for name, data in getattr(pipeline, "run_files", dict)().items():  # data-made files, e.g. a tokenizer
-            ckpt.atomic_write_bytes(run_dir / name, data)
+    return start, batches_done
+
+
+# ---------------------------------------------------------------------------------------------- health
+class Health:
+    """Checks on each logged record: a non-finite loss (divergence) and SPEC's collapse guard (target std below 0.1,
+    or the prediction std falling below 0.01 after having risen above it, once collapse_after of the run is done)."""
+
+    def __init__(self, cfg: PretrainConfig, model, say, main: bool):
+        self.cfg, self.model, self.say, self.main = cfg, model, say, main
+        self.pred_rose = self.collapsed = False
+
+    def check(self, record: dict) -> tuple[bool, bool]:
+        """(diverged, stop for collapse) after logging `record`."""
+        cfg, step = self.cfg, record["step"]
+        fp16 = cfg.run.precision == "fp16"  # a non-finite fp16 loss is a skipped update unless the weights are too
+        if not math.isfinite(record["loss"]) and (not fp16 or not finite(self.model)):
+            return True, False
+        # At init every masked position looks alike, so predictions start near constant: only a fall of the
+        # prediction std below 0.01 after having risen above it counts as collapse.
+        self.pred_rose = self.pred_rose or record["pred_std"] >= 0.01
+        if step < cfg.run.collapse_after * cfg.run.steps or self.collapsed or not (
+                record["target_std"] < 0.1 or (self.pred_rose and record["pred_std"] < 0.01)):
+            return False, False
+        self.collapsed = True
+        msg = (f"representation collapse suspected at step {step}: target std {record['target_std']:.4f} (< 0.1) "
+               f"or prediction std {record['pred_std']:.4f} (< 0.01)")
+        self.say(f"Warning: {msg}")  # once, on the console (rank 0's); not also a UserWarning with file and line
+        return False, cfg.run.collapse == "stop"
+
+
+def drawn_record(pipeline: Pipeline, positions: int) -> dict[str, int]:
+    """A mixture's samples drawn from each source by the first `positions` sample positions, as metrics (drawn_0,
+    drawn_1, ... in --data order); nothing for one source."""
+    counts = pipeline.order.drawn(positions)
+    return {f"drawn_{k}": n for k, n in enumerate(counts)} if len(counts) > 1 else {}
+
+
+def log_record(sums: torch.Tensor, step: int, lr: float, tau: float, rate: float, t: Trainer, skipped: int) -> dict:
+    """The metrics row of update `step` from its summed statistics."""
+    loss_v, count, t_std, p_std = sums.tolist()
+    parts = t.plan.accum * t.dist.world
+    record = {"step": step, "loss": loss_v / max(count, 1.0), "lr": lr, "tau": tau, "target_std": t_std / parts,
+              "pred_std": p_std / parts, "samples_per_s": rate}
+    if t.scaler.is_enabled():
+        record["skipped_updates"] = skipped
+    if t.device.type == "cuda":  # this process's high-water mark of allocated GPU memory so far
+        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(t.device) / 2**20
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(cfg, run_dir: Path, fresh: bool, pipeline: Pipeline, console, say, progress: bool, wall0: float,
+          dist, times) -> Summary:
+    t = setup(cfg, pipeline, dist, fresh, say, times)
+    total = cfg.run.steps
+    checkpointer = Checkpointer(run_dir, t.model, t.optimizer, t.scaler, dist, t.strategy, cfg.run.checkpoint_every,
+                                cfg.run.checkpoint_minutes, cfg.run.keep_checkpoints)
+    step, batches_done = begin(t, run_dir, fresh, checkpointer, say)
+    if step >= total:
+        say(f"{run_dir} is complete: it ran all {total} steps; nothing to resume. "
+            f"Export it with: d2v export checkpoint {run_dir} --out {run_dir}-encoder "
+            f"(or extend it: d2v pretrain --out {run_dir} --resume --steps N, N above {total})")
+        return Summary(run_dir, ckpt.latest_checkpoint(run_dir), step, last_logged(run_dir / METRICS, "loss"), 0.0,
+                       time.perf_counter() - wall0, False, 0, False, complete=True)
     if dist.world > 1:
-        say(f"{dist.world} processes ({strategy}, {device.type}): {plan.describe()}")
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        _truncate_metrics(metrics_path, start)
-    monitor = _monitor(cfg, model, pipeline) if main else None  # rank 0 evaluates the unsharded (DDP) model
-    eval_every = cfg.run.eval_every or max(1, total // 10)
-    tracker = _tracker(cfg, run_dir, start) if main else None
-
+        say(f"{dist.world} processes ({t.strategy}, {dist.device.type}): {t.plan.describe()}")
+    log = MetricsLog(run_dir, step, cfg.run.log, enabled=dist.is_main, config=cfg.to_dict(),
+                     warn=lambda msg: say(f"Warning: {msg}"))
+    monitor = _monitor(cfg, t.model, pipeline) if dist.is_main else None  # rank 0 evaluates the unsharded model
     # fp16 updates the grad scaler skips consume their batch without counting: the stream then runs past `total`.
-    updates = (total - start) if not scaler.is_enabled() else 2**40
-    batches = batch_loader(pipeline, plan, batches_done, updates, cfg.data.num_workers, device.type == "cuda")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    # FSDP2 gathers bf16 parameters (its mixed-precision policy); autocast still picks each op's precision
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-    model.train()
-
-    last_loss = float("nan")
-    collapsed, interrupted, pred_rose, diverged = False, False, False, ""
-    saved_path: Path | None = None
-    saved_step = start
-    step, batches_start, skipped_updates = start, batches_done, 0
-    in_update = False  # between optimizer.step and the EMA update: a checkpoint now would be inconsistent
-    t_train = t_saved = time.perf_counter()
-    with distributed.StopSignals() as stop, _progress(console, progress, total, start) as bar, \
-            (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics:
-        t_log, samples_since = time.perf_counter(), 0
-        window_rates = []  # samples/s of each logged window: the slow-run warning
-        try:
-            while step < total:
-                lr = lr_at(cfg.optim, step, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                # summed over this rank's micro-batches: loss x masked count, masked count, target std, pred std
-                sums = torch.zeros(4, device=device)
-                for micro in range(accum):
-                    with times.phase("data"):
-                        first, batch = next(batches)
-                        torch.manual_seed(torch_seed(cfg.run.seed, first))  # dropout / drop-path: by sample position
-                        batch = pipeline.on_device(batch.to(device), first)
-                    with distributed.no_sync(engine, last=micro == accum - 1):
-                        with autocast, times.phase("loss"):  # the forward's other parts are timed inside it
-                            loss, stats = engine(batch)
-                        # The loss summed over masked positions; the gradient is divided by the global count below,
-                        # so every masked position weighs the same however the batch is split over ranks and
-                        # micro-batches (speech and text masks differ in size from sample to sample).
-                        with times.phase("backward"):
-                            scaler.scale(loss * stats["masked"]).backward()
-                    sums += torch.stack([loss.detach() * stats["masked"], stats["masked"], stats["target_std"],
-                                         stats["pred_std"]]).float()
-                distributed.all_sum_(sums, dist)
-                in_update = True
-                with times.phase("optimizer"):
-                    # DDP / FSDP averaged the gradients over ranks: times world / (global masked count) makes the mean
-                    grads = [distributed.local(p.grad) for p in params if p.grad is not None]
-                    if grads:
-                        torch._foreach_mul_(grads, dist.world / sums[1].clamp_min(1.0))
-                    if cfg.optim.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                    scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                batches_done += 1
-                samples_since += B
-                # The scaler lowered its scale: the gradients overflowed and the optimizer did not step. The update
-                # did not happen, so neither do the step count, the LR schedule or the EMA (as fairseq does).
-                advanced = not (scaler.is_enabled() and scaler.get_scale() < scale_before)
-                if advanced:
-                    with times.phase("ema"):
-                        tau = model.ema_step(step + 1)
-                    step += 1
-                    times.step_done()
-                else:
-                    skipped_updates += 1
-                in_update = False
-
-                diverged_here = collapse_stop = False
-                if advanced and (step % cfg.run.log_every == 0 or step == total):
-                    loss_v, count, t_std, p_std = sums.tolist()
-                    last_loss = loss_v / max(count, 1.0)
-                    now = time.perf_counter()
-                    rate = samples_since / max(now - t_log, 1e-9)
-                    t_log, samples_since = now, 0
-                    window_rates.append(rate)
-                    record = {"step": step, "loss": last_loss, "lr": lr, "tau": tau,
-                              "target_std": t_std / (accum * dist.world), "pred_std": p_std / (accum * dist.world),
-                              "samples_per_s": rate}
-                    if scaler.is_enabled():
-                        record["skipped_updates"] = skipped_updates
-                    _log(metrics, tracker, record)
-                    if not math.isfinite(last_loss) and (amp_dtype is not torch.float16 or not _finite(model)):
-                        diverged_here = True
-                    # At init every masked position looks alike, so predictions start near constant: only a
-                    # fall of the prediction std below 0.01 after having risen above it counts as collapse.
-                    pred_rose = pred_rose or record["pred_std"] >= 0.01
-                    if not diverged_here and step >= cfg.run.collapse_after * total and not collapsed and (
-                            record["target_std"] < 0.1 or (pred_rose and record["pred_std"] < 0.01)):
-                        collapsed = True
-                        msg = (f"representation collapse suspected at step {step}: target std "
-                               f"{record['target_std']:.4f} (< 0.1) or prediction std {record['pred_std']:.4f} "
-                               "(< 0.01)")
-                        if main:
-                            warnings.warn(msg)
-                        say(f"Warning: {msg}")
-                        collapse_stop = cfg.run.collapse == "stop"
-                    bar.update(step, loss=last_loss, lr=lr, tau=tau, rate=rate)
-                elif advanced:
-                    bar.update(step)
-                if monitor is not None and advanced and (step == total or (step % eval_every == 0 and monitor.within_budget(
-                        time.perf_counter() - t_train))):
-                    knn = monitor.evaluate(model, device)
-                    _log(metrics, tracker, {"step": step, **knn})
-                    bar.note(f"k-NN top-1 teacher {knn['knn_teacher']:.3f} student {knn['knn_student']:.3f}")
-                time_due = (main and cfg.run.checkpoint_minutes > 0
-                            and time.perf_counter() - t_saved >= 60 * cfg.run.checkpoint_minutes)
-                # Every decision to stop or save is taken together: one rank's signal, divergence or clock stops or
-                # saves every rank at the same update, so no rank waits forever in a collective.
-                signum, diverged_any, collapse_any, time_due = distributed.agree(
-                    [stop.signum, int(diverged_here), int(collapse_stop), int(time_due)], dist)
-                if diverged_any:
-                    diverged = f"the loss became {last_loss} at step {step}"
-                    break
-                if collapse_any:
-                    interrupted = True
-                    break
-                if step < total and (time_due or (advanced and cfg.run.checkpoint_every
-                                                  and step % cfg.run.checkpoint_every == 0)):
-                    if distributed.agree([int(not _finite(model))], dist)[0]:
-                        diverged = f"the weights became non-finite by step {step}"
-                        break
-                    saved_path, saved_step = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg,
-                                                   dist, strategy), step
-                    t_saved = time.perf_counter()
-                if signum:
-                    stop.signum = signum
-                    interrupted = True
-                    say(f"Interrupted ({signal.Signals(signum).name}): saving a checkpoint at step {step}.")
-                    break
-        except Exception:
-            # An error mid-run (a file gone, a full disk): keep the updates done so far when the state is sound.
-            # With several processes only a replicated (DDP) rank 0 can save alone, without the others.
-            can_save_alone = strategy in ("single", "ddp") and main
-            if can_save_alone and not in_update and step > saved_step and _finite(model):
-                try:
-                    saved_path = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg, None, strategy)
-                    say(f"Stopped by an error at step {step}; saved a checkpoint there. Fix the cause and continue "
-                        f"with: d2v pretrain --out {run_dir} --resume")
-                except Exception:  # noqa: BLE001 - the original error is the one to report
-                    pass
-            raise
-    train_s = time.perf_counter() - t_train
-    if tracker is not None:
-        tracker.close()
-    if monitor is not None and train_s > 0:
-        say(f"k-NN monitor on {monitor.source}: {monitor.seconds:.1f} s, {100 * monitor.seconds / train_s:.1f}% "
-            "of the training time")
-    if diverged:
-        last = f"the last finite checkpoint is {saved_path.name}" if saved_path else (
-            "no checkpoint was written before it" if saved_step == 0 else f"the last finite checkpoint is step {saved_step}")
-        raise DivergedError(f"training diverged: {diverged}; {last} (lower --lr or raise optim.warmup_fraction)")
-    if step > saved_step:
-        if distributed.agree([int(not _finite(model))], dist)[0]:
-            raise DivergedError(f"training diverged: the weights became non-finite by step {step}; "
-                                f"no checkpoint was written after step {saved_step}")
-        saved_path = _save(run_dir, step, batches_done, model, optimizer, scaler, cfg, dist, strategy)
-    elif saved_path is None and step > 0:
-        saved_path = ckpt.latest_checkpoint(run_dir)
-    if main:
-        _plot_if_possible(run_dir)
-    slow = throughput_drop(window_rates)
-    return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=last_loss,
-                   samples_per_s=(batches_done - batches_start) * B / max(train_s, 1e-9),
-                   wall_s=time.perf_counter() - wall0, interrupted=interrupted or bool(stop.signum),
-                   skipped_files=pipeline.skipped, collapsed=collapsed, signal=stop.signum, slow_warning=slow)
+    updates = (total - step) if not t.scaler.is_enabled() else 2**40
+    batches = batch_loader(pipeline, t.plan, batches_done, updates, cfg.data.num_workers, dist.device.type == "cuda")
+    t.model.train()
+    loop = _Loop(cfg, t, checkpointer, log, monitor, Health(cfg, t.model, say, dist.is_main), say, step, batches_done)
+    with log:  # closes the tracker runs: FINISHED, or KILLED / FAILED when an exception leaves
+        with distributed.StopSignals() as stop, progress_bar(console, progress, total, step) as bar:
+            try:
+                loop.run(batches, stop, bar)
+            except Exception:
+                # An error mid-run (a file gone, a full disk): keep the updates done so far when the state is sound.
+                if checkpointer.save_after_error(loop.step, loop.batches_done, t.in_update):
+                    say(f"Stopped by an error at step {loop.step}; saved a checkpoint there. Fix the cause and "
+                        f"continue with: d2v pretrain --out {run_dir} --resume")
+                raise
+        summary = loop.finish(run_dir, pipeline, wall0, stop)
+        log.summary(summary_values(summary, run_dir))
+        if summary.interrupted:
+            log.close("KILLED")
+    return summary
 
 
-TRAINING_ONLY = ("drop_path", "dropout", "attention_dropout", "activation_dropout", "layerdrop")
+def summary_values(summary: Summary, run_dir: Path) -> dict:
+    """The run's summary as the trackers and RUN/summary.json take it (the k-NN of the last evaluation, if any)."""
+    values = {"steps": summary.steps, "final_loss": summary.final_loss, "samples_per_s": summary.samples_per_s,
+              "wall_s": summary.wall_s, "interrupted": summary.interrupted, "collapsed": summary.collapsed,
+              "skipped_files": summary.skipped_files, "checkpoint": str(Path(summary.checkpoint).resolve()) if summary.checkpoint else ""}
+    for key in ("knn_student", "knn_teacher"):
+        value = last_logged(run_dir / METRICS, key)
+        if math.isfinite(value):
+            values[key] = value
+    if summary.slow_warning:
+        values["warning"] = summary.slow_warning
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
 
 
-def adopt_layout(cfg: PretrainConfig) -> None:
-    """--init-from: the model's layout (sizes, vocabulary, pixel statistics) comes from the source encoder; the
-    run's preset keeps the training-only fields (drop-path, dropouts)."""
-    from d2v.export import read_encoder
+class _Loop:
+    """The loop's state and its steps (run, then finish), kept apart from train() so that each fits on a screen."""
 
-    source_cfg, _ = read_encoder(cfg.run.init_from, weights=False)
-    if source_cfg.get("modality") != cfg.modality:
-        raise ConfigError(f"--init-from {cfg.run.init_from} is a {source_cfg.get('modality')} encoder but this run "
-                          f"pretrains {cfg.modality}")
-    for name, value in source_cfg.items():
-        if hasattr(cfg.model, name) and name not in TRAINING_ONLY:
-            setattr(cfg.model, name, type(getattr(cfg.model, name))(value) if isinstance(value, list) else value)
-    if cfg.modality == "vision":
-        cfg.data.image_size = cfg.model.image_size  # the data is resized to what the encoder was trained on
-    if cfg.modality == "text":
-        from d2v.export import TOKENIZER, _run_file
+    def __init__(self, cfg, t: Trainer, checkpointer: Checkpointer, log: MetricsLog, monitor, health: Health, say,
+                 step: int, batches_done: int):
+        self.cfg, self.t, self.checkpointer, self.log, self.monitor, self.health = cfg, t, checkpointer, log, monitor, health
+        self.say, self.step, self.batches_done = say, step, batches_done
+        self.samples_seen = 0  # samples (utterances, images, blocks) of the updates this session ran
+        self.last_loss, self.interrupted, self.diverged, self.skipped = float("nan"), False, "", 0
+        self.window_rates: list[float] = []  # samples/s of each logged window: the slow-run warning
+        self.budget_noted = False  # the k-NN monitor's time budget skipped an evaluation (said once)
 
-        tokenizer = _run_file(Path(cfg.run.init_from).expanduser(), TOKENIZER)
-        if tokenizer is None or not hasattr(cfg.data, "tokenizer"):
-            raise ConfigError(f"--init-from {cfg.run.init_from} has no tokenizer.json beside the weights; a text "
-                              "encoder continues only with its own tokenizer")
-        cfg.data.tokenizer = str(tokenizer.resolve())
+    def run(self, batches, stop, bar) -> None:
+        """Updates until the last step, a stop agreed by every process, or an error."""
+        cfg, t, total = self.cfg, self.t, self.cfg.run.steps
+        self.t_train = self.checkpointer.t_saved = t_log = time.perf_counter()
+        samples_since = 0
+        while self.step < total:
+            sums, advanced, tau, lr = t.update(self.step, total, batches)
+            samples = t.plan.samples(self.batches_done)  # a budget of audio samples: utterances vary by update
+            self.batches_done, samples_since = self.batches_done + 1, samples_since + samples
+            self.samples_seen += samples
+            self.step, self.skipped = self.step + advanced, self.skipped + (not advanced)
+            diverged_here = collapse_stop = False
+            if advanced and (self.step % cfg.run.log_every == 0 or self.step == total):
+                now = time.perf_counter()
+                record = log_record(sums, self.step, lr, tau, samples_since / max(now - t_log, 1e-9), t, self.skipped)
+                record.update(drawn_record(t.pipeline, t.plan.start(self.batches_done)))
+                t_log, samples_since, self.last_loss = now, 0, record["loss"]
+                self.window_rates.append(record["samples_per_s"])
+                self.log.log(record)
+                diverged_here, collapse_stop = self.health.check(record)
+                bar.update(self.step, loss=record["loss"], lr=lr, tau=tau, rate=record["samples_per_s"])
+            elif advanced:
+                bar.update(self.step)
+            if advanced:
+                self._evaluate(bar)
+            # Every decision to stop or save is taken together: one rank's signal, divergence or clock stops or
+            # saves every rank at the same update, so no rank waits forever in a collective.
+            signum, diverged_any, collapse_any, time_due = distributed.agree(
+                [stop.signum, int(diverged_here), int(collapse_stop), int(self.checkpointer.time_due())], t.dist)
+            if diverged_any:
+                self.diverged = f"the loss became {self.last_loss} at step {self.step}"
+                return
+            if collapse_any:
+                self.interrupted = True
+                return
+            if self.checkpointer.due(self.step, total, advanced, time_due):
+                if distributed.agree([int(not finite(t.model))], t.dist)[0]:
+                    self.diverged = f"the weights became non-finite by step {self.step}"
+                    return
+                self.checkpointer.save(self.step, self.batches_done)
+            if signum:
+                stop.signum, self.interrupted = signum, True
+                self.say(f"Interrupted ({signal.Signals(signum).name}): saving a checkpoint at step {self.step}.")
+                return
+
+    def _evaluate(self, bar) -> None:
+        """The k-NN monitor: every run.eval_every updates when the user set it; by default about ten times per run
+        within the monitor's time budget (a line says when the budget first skips one); always at the last step."""
+        m, total, explicit = self.monitor, self.cfg.run.steps, self.cfg.run.eval_every
+        if m is None or not (self.step == total or self.step % (explicit or max(1, total // 10)) == 0):
+            return
+        if not explicit and self.step != total and not m.within_budget(time.perf_counter() - self.t_train):
+            if not self.budget_noted:
+                self.budget_noted = True
+                bar.note(f"k-NN evaluation at step {self.step} skipped (and later ones while evaluating would take "
+                         f"over {m.BUDGET:.0%} of the training time); --eval-every N evaluates every N steps")
+            return
+        knn = m.evaluate(self.t.model, self.t.device)
+        self.log.log({"step": self.step, **knn})
+        bar.note(f"k-NN top-1 teacher {knn['knn_teacher']:.3f} student {knn['knn_student']:.3f}")
+
+    def finish(self, run_dir: Path, pipeline: Pipeline, wall0: float, stop) -> Summary:
+        """The final checkpoint (unless diverged), the plot, and the summary."""
+        t, checkpointer, step = self.t, self.checkpointer, self.step
+        train_s = time.perf_counter() - self.t_train
+        if self.monitor is not None and train_s > 0:
+            self.say(f"k-NN monitor on {self.monitor.source}: {self.monitor.seconds:.1f} s, "
+                     f"{100 * self.monitor.seconds / train_s:.1f}% of the training time")
+        saved_step, saved_path = checkpointer.saved_step, checkpointer.saved_path
+        if self.diverged:
+            last = f"the last finite checkpoint is {saved_path.name}" if saved_path else (
+                "no checkpoint was written before it" if saved_step == 0 else
+                f"the last finite checkpoint is step {saved_step}")
+            raise DivergedError(f"training diverged: {self.diverged}; {last} (lower --lr or raise "
+                                "optim.warmup_fraction)")
+        if step > saved_step:
+            if distributed.agree([int(not finite(t.model))], t.dist)[0]:
+                raise DivergedError(f"training diverged: the weights became non-finite by step {step}; "
+                                    f"no checkpoint was written after step {saved_step}")
+            saved_path = checkpointer.save(step, self.batches_done)
+        elif saved_path is None and step > 0:
+            saved_path = ckpt.latest_checkpoint(run_dir)
+        skipped = distributed.union_pairs(pipeline.skipped_files(), t.dist)  # every rank's finds
+        listed = None
+        if t.dist.is_main:
+            _plot_if_possible(run_dir)
+            listed = write_skipped_files(run_dir, skipped)
+        return Summary(run_dir=run_dir, checkpoint=saved_path, steps=step, final_loss=self.last_loss,
+                       samples_per_s=self.samples_seen / max(train_s, 1e-9), wall_s=time.perf_counter() - wall0,
+                       interrupted=self.interrupted or bool(stop.signum), skipped_files=len(skipped),
+                       collapsed=self.health.collapsed, signal=stop.signum,
+                       slow_warning=throughput_drop(self.window_rates),
+                       drawn=tuple(drawn_record(pipeline, self.t.plan.start(self.batches_done)).values()),
+                       skipped_text=skipped_summary(skipped, listed) if skipped else "")
 
 
-def init_from(model: Data2Vec, path: str, say) -> None:
-    """Load an encoder's weights into the student and the teacher (a fresh run that continues a model)."""
-    from d2v.export import read_encoder
-
-    _, tensors = read_encoder(path)
-    for name, net in (("student", model.student), ("teacher", model.teacher)):
-        own = net.state_dict()
-        for key, value in tensors.items():
-            if key in own and own[key].shape != value.shape:
-                raise CheckpointError(f"--init-from {path}: tensor {key} has shape {tuple(value.shape)}, the "
-                                      f"{name} expects {tuple(own[key].shape)}")
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise CheckpointError(f"--init-from {path} lacks tensor {missing[0]}")
-        net.load_state_dict({k: tensors[k] for k in own})
-    say(f"Initialized the student and the teacher from {path}.")
+# ---------------------------------------------------------------------------------------------- cost before the run
+PROBE_SAMPLES = 4  # samples of the micro-batch whose FLOPs and activations are counted (d2v.runtime.cost)
+TIMED_UPDATES = 5  # timed after one untimed warm-up; their mean (not the median: on a shared machine the run meets
+# the other processes' load as these updates do, and the mean keeps it)
+TIME_BUDGET_S = 20.0  # the timed updates use a smaller micro-batch (and are scaled) when the run's would take longer
+MEMORY_SHARE = 0.5  # the probe and the timed updates use at most this share of the free memory
 
 
-def _monitor(cfg: PretrainConfig, model: Data2Vec, pipeline):
+class FixedClock(NoTimes):
+    """Times the parts of an update that do not grow with its samples (the optimizer step, the EMA update), so that
+    an update timed on fewer samples scales only the rest."""
+
+    FIXED = ("optimizer", "ema")
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if name not in self.FIXED:
+            yield
+            return
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.seconds += time.perf_counter() - start
+
+
+def estimate_cost(cfg: PretrainConfig, pipeline: Pipeline, done: int = 0, say=print) -> cost.Estimate:
+    """Parameters, FLOPs per update, memory per process and time per update of the run `cfg` describes, on this
+    device, from one counted micro-batch and a few timed updates of the training loop's own update (how:
+    d2v.runtime.cost). `done`: updates the run already has (resuming). Nothing is written. What would not fit in
+    the memory free here is not run: then only the parameters and the state's memory are known (est.missing)."""
+    device = resolve_device(cfg.run.device)
+    world = distributed.env_world_size()
+    plan = distributed.batch_plan(cfg.run.batch_size, cfg.run.grad_accum, world,
+                                  budget=getattr(pipeline, "budget", None))
+    if plan.budget is not None:  # speech by audio samples: estimated at the budget's mean utterances per micro-batch
+        micro = max(1, round(plan.budget.mean_count() / (plan.accum * world)))
+        plan = distributed.batch_plan(micro * plan.accum * world, plan.accum, world)
+    baseline = cost.process_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    setup_peak = cost.peak_bytes(device) if device.type == "cpu" else 0  # reading the data, pixel statistics
+    with torch.device("meta"):  # shapes only: nothing allocated
+        est = cost.unprobed(build_objective(cfg), plan.micro, baseline)
+    est.steps_left = max(0, cfg.run.steps - done)
+    free = free_bytes(cfg.run.device)[0] * MEMORY_SHARE
+    if free and est.weights + est.gradients + est.optimizer > free:
+        est.missing = "the weights and the optimizer state alone need more than half the memory free here"
+        return est
+    t = setup(cfg, pipeline, distributed.Dist(device=device), False, say, NoTimes())
+    t.model.train()
+    b = min(plan.micro, PROBE_SAMPLES)
+    t.plan = distributed.batch_plan(b, 1, 1)
+    with cost.counting(t.model, b) as counts:
+        t.update(0, cfg.run.steps, iter([(0, pipeline.micro_batch(0, b))]))
+    est = cost.estimate(t.model, counts, plan.micro, plan.accum, world, baseline, est.steps_left)
+    cost.reset_peak(device)
+    start = time.perf_counter()  # one plain micro-batch of the probe's size: how long a sample takes here
+    t.update(0, cfg.run.steps, iter([(b, pipeline.micro_batch(b, b))]))
+    _sync(device)
+    per_sample, small = (time.perf_counter() - start) / b, (b, cost.peak_bytes(device))
+    budget = TIME_BUDGET_S / (TIMED_UPDATES + 1)  # per timed update
+    fits = int((free - est.weights - est.gradients - est.optimizer) / max(est.activations / est.micro, 1)) if free \
+        else plan.micro
+    # at least twice the probe's samples: the growth of the peak between the two carries it to the run's micro-batch
+    timed = min(plan.micro, max(2 * b, min(fits, int(budget / max(per_sample, 1e-9)))))
+    exact = timed == plan.micro and per_sample * plan.micro * plan.accum <= budget
+    t.plan = plan if exact else distributed.batch_plan(timed, 1, 1)  # else: micro-batches timed alone, scaled
+    batches = batch_loader(pipeline, t.plan, 1, TIMED_UPDATES + 1, cfg.data.num_workers, device.type == "cuda")
+    cost.reset_peak(device)
+    seconds, fixed = [], []
+    for k in range(TIMED_UPDATES + 1):
+        t.times = clock = FixedClock(device)
+        begin = time.perf_counter()
+        t.update(k, cfg.run.steps, batches)
+        _sync(device)
+        if k:  # the first is a warm-up (workers starting, allocator growing)
+            seconds.append(time.perf_counter() - begin)
+            fixed.append(clock.seconds)
+    mean, mean_fixed = sum(seconds) / len(seconds), sum(fixed) / len(fixed)
+    est.timed_updates, est.timed_micro, est.timed_whole = seconds, timed, exact
+    # scaled: the optimizer step and the EMA once per update, the rest per sample
+    est.seconds_per_update = mean if exact else mean_fixed + (mean - mean_fixed) * plan.micro * plan.accum / timed
+    est.peak = max(setup_peak, cost.scaled_peak(small, (timed, cost.peak_bytes(device)), plan.micro))
+    return est
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _monitor(cfg: PretrainConfig, model: Data2Vec, pipeline: Pipeline):
     if not cfg.run.eval_data:
         return None
-    from d2v.monitor import KnnMonitor
-
     tokenizer = getattr(pipeline, "tokenizer", None)
     if tokenizer is not None:  # text: the monitor tokenizes its labelled texts as the run does
         model.student.tokenizer = model.teacher.tokenizer = tokenizer
-    return KnnMonitor(cfg.run.eval_data, model.student, seed=cfg.run.seed)
-
-
-def _tracker(cfg: PretrainConfig, run_dir: Path, start: int):
-    if cfg.run.log != "tensorboard":
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--log tensorboard needs the tensorboard package: pip install 'd2v[tensorboard]'") from None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # a resumed run continues the same curves
-
-
-def _log(metrics, tracker, record: dict) -> None:
-    """One record to metrics.jsonl (the source of truth, flushed at once) and to the tracker, if any; nothing on
-    ranks other than 0 (they have no metrics file)."""
-    if metrics is None:
-        return
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
-    if tracker is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                tracker.add_scalar(key, value, record["step"])
+    return KnnMonitor(cfg.run.eval_data, model.student, seed=cfg.run.seed, skip_bad_files=cfg.data.skip_bad_files)
 
 
 def _plot_if_possible(run_dir: Path) -> None:
@@ -587,148 +762,7 @@ def _plot_if_possible(run_dir: Path) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    from d2v.plot import plot_run
-
     try:
         plot_run(run_dir)
     except UserError:
         pass
-
-
-def _finite(model: torch.nn.Module) -> bool:
-    """All weights and buffers finite (one device reduction per tensor, one host sync)."""
-    flags = [torch.isfinite(distributed.local(t)).all() for t in model.state_dict().values()
-             if t.is_floating_point() and distributed.local(t).numel()]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-def _save(run_dir, step, batches, model, optimizer, scaler, cfg, dist, strategy) -> Path:
-    """Checkpoint `step`. Replicated runs: rank 0 writes it, the others wait until it is complete, so that no rank
-    exits, or is killed by torchrun, before the checkpoint exists. FSDP: every rank writes its shards (DCP)."""
-    extra = {"scaler": scaler.state_dict() if scaler.is_enabled() else None, "batches": batches}
-    if strategy == "fsdp":
-        return ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, extra, cfg.run.keep_checkpoints,
-                                            dist.is_main, lambda: distributed.barrier(dist))
-    path = None
-    if dist is None or dist.is_main:
-        path = ckpt.save_checkpoint(run_dir, step, model, optimizer, extra, keep=cfg.run.keep_checkpoints)
-    if dist is not None:
-        distributed.barrier(dist)
-    return path or Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def _restore(run_dir: Path, model: Data2Vec, optimizer, scaler, strategy: str) -> tuple[int, int]:
-    """(step, update-batches consumed) of the newest intact checkpoint, loaded into model/optimizer/scaler.
-
-    Either checkpoint layout loads into either strategy: single-file into a sharded (FSDP) model, sharded (DCP) into
-    one process or DDP, and sharded at one world size into FSDP at another."""
-    path = ckpt.latest_checkpoint(run_dir)
-    if strategy == "fsdp" and ckpt.is_sharded(path):  # each rank reads only its own slices
-        state = ckpt.read_checkpoint_state(path)
-        template, _ = ckpt.sharded_state(model, optimizer)
-        ckpt.load_sharded_into(path, template)
-        ckpt.load_sharded_state(model, optimizer, template, state["optimizer"]["scalars"])
-    else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            path, weights, opt_tensors, state = ckpt.read_latest(run_dir)
-        for w in caught:
-            print(f"Warning: {w.message}", file=sys.stderr)
-        try:
-            if state.get("layout") == "dcp":  # consolidated from shards; optimizer keyed by parameter name
-                model.load_state_dict(weights)
-                ckpt.load_optimizer_state(optimizer, *_indexed_optimizer_state(model, optimizer, opt_tensors,
-                                                                               state["optimizer"]["scalars"]))
-            elif strategy == "fsdp":  # full tensors, each rank keeps its shard
-                ckpt.load_full_into_sharded(model, optimizer, weights, opt_tensors, state["optimizer"])
-            else:
-                model.load_state_dict(weights)
-                ckpt.load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not match the run's model: "
-                                  f"{str(exc).splitlines()[0]}") from None
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    step = int(state["step"])
-    return step, int(state.get("batches", step))
-
-
-def _indexed_optimizer_state(model, optimizer, tensors: dict, scalars: dict) -> tuple[dict, dict]:
-    """Optimizer state by parameter name (a consolidated sharded checkpoint) as load_optimizer_state takes it (by
-    parameter index), for a model that is not sharded."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    pid = {n: i for i, n in enumerate(names)}
-    by_index = {}
-    for key, value in tensors.items():
-        name, what = key[len("state."):].rsplit(".", 1)
-        by_index[f"{pid[name]}.{what}"] = value
-    groups, start = [], 0
-    for g in optimizer.param_groups:
-        first = names[start]
-        group = {k.rsplit(".", 1)[1]: v for k, v in scalars.items() if k.rsplit(".", 1)[0] == f"param_groups.{first}"}
-        groups.append({**group, "params": list(range(start, start + len(g["params"])))})
-        start += len(g["params"])
-    return by_index, {"param_groups": groups, "scalars": {}}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step` (later ones come from a run that stopped after its last checkpoint)."""
-    if not path.exists():
-        return
-    keep = [r for r in rundir.read_metrics(path) if r["step"] <= step]
-    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-
-def _last_logged_loss(path: Path) -> float:
-    losses = [r["loss"] for r in rundir.read_metrics(path) if isinstance(r.get("loss"), (int, float))]
-    return float(losses[-1]) if losses else float("nan")
-
-
-class _Bar:
-    """Progress: a one-line rich bar on a terminal; plain lines about every 5% of the run when stdout is not one."""
-
-    def __init__(self, console, progress, task, total: int, start: int):
-        self.console, self.progress, self.task, self.total = console, progress, task, total
-        self.plain_every = max(1, total // 20)
-        self.last_plain = start
-        self.t0 = time.perf_counter()
-
-    def note(self, text: str) -> None:
-        """A line above the bar (or a plain line), e.g. a k-NN evaluation."""
-        if self.progress is not None:
-            self.progress.console.print(text, highlight=False)
-        elif self.console is not None:
-            self.console.print(text, highlight=False)
-
-    def update(self, step: int, **fields):
-        if self.progress is not None:
-            if fields:
-                fields = {"stats": _stats_text(**fields)}
-            self.progress.update(self.task, completed=step, **fields)
-        elif self.console is not None and fields and (step - self.last_plain >= self.plain_every or step == self.total):
-            self.last_plain = step
-            elapsed = time.perf_counter() - self.t0
-            self.console.print(f"step {step}/{self.total}  {_stats_text(**fields)}  {elapsed:.0f} s", highlight=False)
-
-
-def _stats_text(loss: float, lr: float, tau: float | None = None, rate: float | None = None) -> str:
-    text = f"loss {loss:.4f} lr {lr:.1e}"
-    return text + (f" tau {tau:.4f}" if tau is not None else "") + (f" {rate:.0f}/s" if rate is not None else "")
-
-
-@contextlib.contextmanager
-def _progress(console, enabled: bool, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    if not enabled:
-        yield _Bar(None, None, None, total, start)
-        return
-    if not console.is_terminal:
-        yield _Bar(console, None, None, total, start)
-        return
-    columns = [BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-               TimeRemainingColumn(compact=True)]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("pretrain", total=total, completed=start, stats="loss - (first log pending)")
-        yield _Bar(console, progress, task, total, start)

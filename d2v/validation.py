@@ -2,23 +2,27 @@
 estimate. Each failure is one ConfigError sentence naming the field (as `--set` spells it) and what it accepts."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable
 
-from d2v.config import NO_DECAY_RULES, PretrainConfig
-from d2v.errors import ConfigError
+from d2v.core.config import NO_DECAY_RULES, PretrainConfig
+from d2v.core.device import available_bytes, resolve_precision
+from d2v.core.errors import ConfigError
+from d2v.data.mixture import quotas
+from d2v.data.pipeline import BUILTIN, is_builtin
+from d2v.masking import kinds
+from d2v.models import build_encoder
+from d2v.models.common import checkpointed_blocks
+from d2v.models.vision import auto_patch_size
+from d2v.runtime.distributed import env_world_size
+from d2v.runtime.trackers import TRACKERS, check_installed, valid_log
 
-MASK_KINDS = {"vision": ("block", "inverse_block"), "speech": ("span", "block_1d"), "text": ("bert", "span", "random")}
+MODALITIES = ("vision", "speech", "text")
 RECIPES = ("v1", "v2")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpu")
-
-
-def _is_builtin(name: str) -> bool:
-    from d2v.data import speech, text, vision
-
-    return any(name in getattr(mod, "BUILTIN", ()) for mod in (vision, speech, text))
 
 
 def _finite(x: Any) -> bool:
@@ -102,7 +106,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "no_decay": (lambda v: all(x in NO_DECAY_RULES for x in v), "a list of " + ", ".join(NO_DECAY_RULES)),
     },
     "data": {
-        "source": (lambda v: bool(v.strip()), "a built-in dataset name or a path"),
+        "source": (lambda v: isinstance(v, str), "a built-in dataset name, a path or a URL"),
+        "sources": (lambda v: all(isinstance(x, str) and x.strip() for x in v),
+                    "a list of built-in dataset names, paths or URLs"),
         "image_size": (lambda v: v == 0 or 2 <= v <= 8192, "0 (the data's own size) or 2 to 8192 pixels"),
         "color_jitter": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
         "crop_scale": (lambda v: len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
@@ -116,20 +122,24 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "run": {
         "steps": (lambda v: 1 <= v <= 10**10, "an integer from 1 to 10^10"),
-        "batch_size": (lambda v: 1 <= v <= 1 << 24, "an integer from 1 to 16777216"),
+        "batch_size": (lambda v: 0 <= v <= 1 << 24, "an integer from 1 to 16777216 (0: by run.batch_tokens)"),
+        "batch_tokens": (lambda v: 0 <= v <= 1 << 40, "an integer from 0 (count utterances) to 2^40 audio samples"),
         "grad_accum": (lambda v: 1 <= v <= 65536, "an integer from 1 to 65536"), "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
         "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                    "auto, cpu, cuda or cuda:N"),
         "kernels": (lambda v: v in KERNELS, ", ".join(KERNELS)),
         "compile": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+        "fused_adamw": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+        "activation_checkpointing": (lambda v: v in ("off", "all") or (v.isdigit() and int(v) >= 1),
+                                     "off, all, or the number of blocks (from the first) to recompute"),
         "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
         "log_every": _POS_INT, "checkpoint_every": _NONNEG_INT, "keep_checkpoints": _NONNEG_INT,
         "checkpoint_minutes": (lambda v: _finite(v) and 0 <= v <= 1e6, "minutes from 0 (never) to 1000000"),
         "strategy": (lambda v: v in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
         "collapse": (lambda v: v in ("warn", "stop"), "'warn' or 'stop'"), "collapse_after": _UNIT,
-        "eval_data": (lambda v: v == "" or _is_builtin(v) or os.path.exists(os.path.expanduser(v)),
+        "eval_data": (lambda v: v == "" or is_builtin(v) or os.path.exists(os.path.expanduser(v)),
                       "a built-in labelled set or an existing path"),
-        "eval_every": _NONNEG_INT, "log": (lambda v: v in ("", "tensorboard"), "'' or 'tensorboard'"),
+        "eval_every": _NONNEG_INT, "log": (valid_log, "a comma-separated list of " + ", ".join(TRACKERS)),
         "init_from": (lambda v: v == "" or os.path.isfile(os.path.join(os.path.expanduser(v), "config.json")),
                       "a directory with a config.json: a d2v export or run, or a transformers Data2Vec model"),
     },
@@ -138,16 +148,44 @@ RULES: dict[str, dict[str, Rule]] = {
 
 # The pretrain flags that set a field, so that an error names what the user typed.
 FLAGS = {
-    "data.source": "--data", "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
+    "data.source": "--data", "data.sources": "--data", "data.weights": "--weights",
+    "run.steps": "--steps", "run.batch_size": "--batch-size", "run.grad_accum": "--grad-accum",
     "optim.lr": "--lr", "data.image_size": "--image-size", "run.device": "--device", "run.precision": "--precision",
     "run.kernels": "--kernels", "run.compile": "--compile", "run.seed": "--seed", "run.checkpoint_every": "--checkpoint-every",
     "data.num_workers": "--num-workers", "data.vocab_size": "--vocab-size", "data.tokenizer": "--tokenizer",
     "run.eval_data": "--eval-data", "run.eval_every": "--eval-every", "run.log": "--log", "run.init_from": "--init-from",
+    "data.doc_per_line": "--doc-per-line", "data.skip_bad_files": "--skip-bad-files",
 }
 
 
 def field_name(key: str) -> str:
     return f"{FLAGS[key]} ({key})" if key in FLAGS else key
+
+
+# Data fields that one modality reads (DataConfig holds every modality's); the rest apply to all.
+DATA_FIELD_MODALITY = {
+    "image_size": "vision", "crop_scale": "vision", "hflip": "vision", "color_jitter": "vision",
+    "vocab_size": "text", "tokenizer": "text", "doc_per_line": "text", "sample_break": "text",
+    "crop_seconds": "speech", "min_seconds": "speech",
+}
+
+
+def check_modality_fields(keys, modality: str) -> None:
+    """The options a user gave (dotted keys) against the run's modality: one ConfigError naming the option, the
+    modality it applies to and this run's, for a data field of another modality or a model field this modality's
+    encoder does not have."""
+    from d2v.core.config import MODEL_CONFIGS
+
+    own = {f.name for f in dataclasses.fields(MODEL_CONFIGS[modality])}
+    for key in sorted(keys):
+        section, _, name = key.partition(".")
+        owner = DATA_FIELD_MODALITY.get(name) if section == "data" else None
+        if section == "model" and name not in own:
+            owner = next((m for m in MODALITIES if name in {f.name for f in dataclasses.fields(MODEL_CONFIGS[m])}),
+                         None)
+        if owner is not None and owner != modality:
+            flag = FLAGS.get(key) or (FLAGS.get(f"data.{name}") if key == "model.image_size" else None)
+            raise ConfigError(f"{flag or '--set ' + key} applies to {owner} only; this run pretrains {modality}")
 
 
 def _fail(key: str, value: Any, accepts: str) -> None:
@@ -173,11 +211,12 @@ def check_fields(cfg: PretrainConfig) -> None:
 def check_relations(cfg: PretrainConfig) -> None:
     """Rules that tie fields together."""
     m, mk, t, o = cfg.model, cfg.mask, cfg.targets, cfg.optim
-    if cfg.modality not in MASK_KINDS:
+    if cfg.modality not in MODALITIES:
         raise ConfigError(f"unknown modality {cfg.modality!r}; choose vision, speech or text")
     if cfg.recipe not in RECIPES:
         raise ConfigError(f"recipe {cfg.recipe!r} is unknown; use v1 (data2vec 1.0) or v2 (data2vec 2.0)")
     _check_recipe(cfg)
+    _check_batch(cfg)
     if m.dim % m.num_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.dim ({m.dim})")
     prenet = getattr(m, "prenet_depth", 0)
@@ -186,13 +225,14 @@ def check_relations(cfg: PretrainConfig) -> None:
     if t.top_k > m.depth - prenet:
         what = f"model.depth ({m.depth})" if not prenet else f"model.depth - model.prenet_depth ({m.depth - prenet})"
         raise ConfigError(f"targets.top_k ({t.top_k}) cannot exceed the number of target blocks {what}")
-    if mk.kind not in MASK_KINDS[cfg.modality]:
+    if mk.kind not in kinds(cfg.modality):
         raise ConfigError(f"mask.kind {mk.kind!r} is not available for {cfg.modality}; use "
-                          + " or ".join(repr(k) for k in MASK_KINDS[cfg.modality]))
+                          + " or ".join(repr(k) for k in kinds(cfg.modality)))
     if mk.random_token + mk.unchanged > 1:
         raise ConfigError(f"mask.random_token + mask.unchanged must be at most 1, got {mk.random_token + mk.unchanged}")
     if o.warmup_fraction + o.hold_fraction > 1:
         raise ConfigError("optim.warmup_fraction + optim.hold_fraction must be at most 1")
+    _check_sources(cfg)
     if cfg.modality == "vision":
         _check_vision_grid(cfg)
     if cfg.modality == "speech":
@@ -215,6 +255,44 @@ def check_relations(cfg: PretrainConfig) -> None:
                               "(stride product " f"{math.prod(m.conv_stride)}); raise data.crop_seconds")
         if mk.span_length >= frames:
             raise ConfigError(f"mask.span_length ({mk.span_length}) must be shorter than a crop ({frames} frames)")
+
+
+def _check_batch(cfg: PretrainConfig) -> None:
+    """An update holds either run.batch_size samples or (speech) run.batch_tokens audio samples, never both."""
+    r = cfg.run
+    if r.batch_tokens > 0 and cfg.modality != "speech":
+        raise ConfigError(f"run.batch_tokens ({r.batch_tokens}) batches speech by audio samples; {cfg.modality} "
+                          "updates hold --batch-size samples: set run.batch_tokens to 0")
+    if r.batch_tokens > 0 and r.batch_size > 0:
+        raise ConfigError(f"--batch-size (run.batch_size) {r.batch_size} and run.batch_tokens {r.batch_tokens} are "
+                          "both set: an update holds run.batch_size utterances (add --set run.batch_tokens=0) or "
+                          "run.batch_tokens audio samples (leave --batch-size out)")
+    if r.batch_tokens == 0 and r.batch_size == 0:
+        _fail("run.batch_size", 0, "an integer from 1 to 16777216 (or 0 with run.batch_tokens > 0, speech)")
+
+
+def _check_sources(cfg: PretrainConfig) -> None:
+    """One source (data.source), or a mixture (data.sources, at least two, with one weight each or none) of
+    sources of the run's modality."""
+    d = cfg.data
+    if not d.sources:
+        if not d.source.strip():
+            raise ConfigError("--data (data.source) must be a built-in dataset name, a path or a URL, got ''")
+        if d.weights:
+            raise ConfigError("--weights (data.weights) weighs the sources of a mixture: give several --data")
+        return
+    if d.source:
+        raise ConfigError(f"give the data either as data.source ({d.source!r}) or as data.sources (a mixture), "
+                          "not both")
+    if len(d.sources) < 2:
+        raise ConfigError("data.sources names a mixture of at least two sources; one source goes in data.source "
+                          "(--data)")
+    quotas(d.weights, len(d.sources))
+    for source in d.sources:
+        other = next((m for m, names in BUILTIN.items() if source in names and m != cfg.modality), None)
+        if other is not None and source not in BUILTIN.get(cfg.modality, ()):
+            raise ConfigError(f"every source of a {cfg.modality} mixture must hold {cfg.modality} data, but "
+                              f"{source!r} is a built-in {other} set")
 
 
 def _check_recipe(cfg: PretrainConfig) -> None:
@@ -243,8 +321,6 @@ def _check_recipe(cfg: PretrainConfig) -> None:
 
 
 def _check_vision_grid(cfg: PretrainConfig) -> None:
-    from d2v.models.vision import auto_patch_size
-
     m = cfg.model
     size = cfg.data.image_size or m.image_size
     if not size:
@@ -266,8 +342,6 @@ def _check_vision_grid(cfg: PretrainConfig) -> None:
 def tokens_per_sample(cfg: PretrainConfig) -> int:
     m = cfg.model
     if cfg.modality == "vision":
-        from d2v.models.vision import auto_patch_size
-
         size = cfg.data.image_size or m.image_size or 8
         patch = m.patch_size or auto_patch_size(size)
         return (size // patch) ** 2 + 1
@@ -284,9 +358,10 @@ def estimate_bytes(cfg: PretrainConfig) -> int:
     teacher's weights, and the activations the student keeps for backward (B x T x D per block, times the
     tensors a pre/post-LN block stores, plus the attention probabilities)."""
     m = cfg.model
-    from d2v.distributed import env_world_size
-
-    B = max(1, cfg.run.batch_size // (cfg.run.grad_accum * env_world_size()))  # one process's micro-batch
+    parts = cfg.run.grad_accum * env_world_size()
+    B = max(1, cfg.run.batch_size // parts)  # one process's micro-batch
+    if cfg.run.batch_tokens > 0:  # speech by audio samples: at least this many full crops per micro-batch
+        B = max(1, -(-cfg.run.batch_tokens // (parts * max(1, int(cfg.data.crop_seconds * cfg.model.sample_rate)))))
     D, L, T = m.dim, m.depth, tokens_per_sample(cfg)
     ffn = getattr(m, "ffn_dim", 0) or int(D * getattr(m, "mlp_ratio", 4.0))
     params = L * (4 * D * D + 2 * D * ffn)
@@ -299,25 +374,23 @@ def estimate_bytes(cfg: PretrainConfig) -> int:
     if cfg.recipe == "v2":  # the student sees the kept tokens of every clone; the teacher keeps no activations
         B, T = B * cfg.mask.clones, max(1, int(T * (1.0 - cfg.mask.ratio)) + 1)
     per_block = B * T * (6 * D + 2 * ffn) + B * m.num_heads * T * T
+    # a recomputed block keeps only its input; in the backward one block's activations exist at a time
+    recomputed = checkpointed_blocks(cfg.run.activation_checkpointing, L)
+    kept = per_block * (L - recomputed) + B * T * D * recomputed + (per_block if recomputed else 0)
     if cfg.modality == "speech":  # the conv front end's activations at its first (widest in time) layers
         samples = int(cfg.data.crop_seconds * m.sample_rate)
-        per_block += B * samples // max(m.conv_stride[0], 1) * m.conv_dim[0] * 2 // max(L, 1)
-    act_bytes = 4 if cfg.run.precision == "fp32" else 2
-    return int(weights + per_block * L * act_bytes)
+        kept += B * samples // max(m.conv_stride[0], 1) * m.conv_dim[0] * 2
+    precision = resolve_precision(cfg.run.precision, _device_of(cfg.run.device))
+    act_bytes = 4 if precision == "fp32" else 2
+    return int(weights + kept * act_bytes)
 
 
-def available_bytes(device: str) -> tuple[int, str]:
-    """(bytes, where) of the memory a run on `device` may use: GPU memory, else the machine's RAM."""
+def _device_of(name: str):
     import torch
 
-    if device.startswith("cuda") and torch.cuda.is_available():
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index < torch.cuda.device_count():
-            return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
-    except (ValueError, OSError, AttributeError):
-        return 0, "unknown"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if name.startswith("cuda") else "cpu")
 
 
 def memory_problem(cfg: PretrainConfig) -> str:
@@ -326,16 +399,14 @@ def memory_problem(cfg: PretrainConfig) -> str:
     have, where = available_bytes(cfg.run.device)
     if have and need > have:
         return (f"this config needs at least {need / 2**30:.1f} GiB per step but {where} has {have / 2**30:.1f} GiB; "
-                "raise --grad-accum (same batch, smaller micro-batches per process), or lower --batch-size, "
-                "--image-size, model.dim or model.depth")
+                "raise --grad-accum (same batch, smaller micro-batches per process), or lower "
+                f"{'run.batch_tokens' if cfg.run.batch_tokens else '--batch-size'}, --image-size, model.dim or model.depth")
     return ""
 
 
 def check_model(cfg: PretrainConfig) -> None:
     """Build the encoder on the meta device (no memory, no compute) and check what needs its parameter names."""
     import torch
-
-    from d2v.models import build_encoder
 
     try:
         with torch.device("meta"):
@@ -355,6 +426,7 @@ def validate_config(cfg: PretrainConfig, data_ready: bool = False, memory: bool 
     device."""
     check_fields(cfg)
     check_relations(cfg)
+    check_installed(cfg.run.log)  # a missing tracker client fails before any work, on every process
     problem = memory_problem(cfg) if memory else ""
     if problem:
         raise ConfigError(problem)

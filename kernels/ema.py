@@ -112,3 +112,9 @@ def _ema_update(teacher, student, decay):
         for t, work, _ in members:
             if work is not t:
                 t.copy_(work)
+
+
+def interpreted() -> bool:
+    """True when the imported triton runs these kernels in its interpreter (decided when they were decorated, by
+    TRITON_INTERPRET=1 at import)."""
+    return type(_ema_update_kernel).__name__ == "InterpretedFunction"

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import TL_DTYPES, device_of, supported
+from ._layout import device_of, supported
 
 _NORM_CODE = {"none": 0, "layer": 1, "instance": 2}
 

@@ -37,8 +37,8 @@ TINY_OVERRIDES = {
 
 def tiny_config(**overrides):
     """The CPU preset shrunk further, for tests that train."""
-    from d2v.config import set_by_path
-    from d2v.presets import preset_config
+    from d2v.core.config import set_by_path
+    from d2v.core.presets import preset_config
 
     cfg = preset_config("vision", "tiny")
     for key, value in {**TINY_OVERRIDES, **overrides}.items():
@@ -47,7 +47,8 @@ def tiny_config(**overrides):
 
 
 def tiny_cli_args():
-    args = []
+    """tiny_config() as command-line options: the v1 preset, named, as the CLI's vision default is v2."""
+    args = ["--recipe", "v1"]
     for key, value in TINY_OVERRIDES.items():
         args += ["--set", f"{key}={value}"]
     return args + ["--no-progress"]

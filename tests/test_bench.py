@@ -1,12 +1,20 @@
-"""`d2v bench kernels --quick` runs in seconds on the CPU and writes JSON rows with every reported field."""
+"""`d2v bench kernels --quick` runs in seconds on the CPU and writes JSON rows with every reported field; `d2v bench
+text-diagnosis` trains both arms and measures what features and targets encode."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from d2v.bench.cli import app
 from d2v.bench.kernels import run, vit_param_shapes
+from d2v.cli import app as d2v_app
+
+
+def bench(args: list[str]):
+    """`d2v bench ARGS` through the d2v command (its error rules apply)."""
+    return CliRunner().invoke(d2v_app, ["bench", *args])
+
 
 ROW_FIELDS = {"op", "case", "impl", "median_ms", "bytes", "gbps", "pct_copy", "speedup_vs_eager", "speedup_vs_compile"}
 
@@ -18,7 +26,7 @@ def test_quick_benchmark_writes_json(tmp_path, device):
     out = tmp_path / "bench.json"
     interpreted = device == "cpu" and not torch.cuda.is_available()
     extra = ["--include-interpreter"] if interpreted else []
-    result = CliRunner().invoke(app, ["kernels", "--quick", "--device", device, *extra, "--json", str(out)])
+    result = bench(["kernels", "--quick", "--device", device, *extra, "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["meta"]["device"] == device and data["meta"]["copy_gbps"] > 0
@@ -41,7 +49,7 @@ def test_interpreter_is_never_timed_unless_asked():
 def test_unavailable_device_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = CliRunner().invoke(app, ["kernels", "--quick", "--device", "cuda"])
+    result = bench(["kernels", "--quick", "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA device" in result.output
 
 
@@ -57,14 +65,14 @@ def test_jsonl_rows_are_written_as_measured(tmp_path):
     out = tmp_path / "rows.jsonl"
     args = ["kernels", "--quick", "--device", "cpu", "--ops", "ema", "--case", "bf16", "--runs", "1",
             "--jsonl", str(out)]
-    result = CliRunner().invoke(app, args)
+    result = bench(args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["kind"] == "meta" and lines[0]["copy_gbps"] > 0 and lines[0]["auto"] in ("cpu", "torch")
     rows = [r for r in lines if r["kind"] == "row"]
     assert rows and all(r["op"] == "ema" and "bf16" in r["case"] for r in rows)
     assert all(r["speedup_vs_foreach"] is not None for r in rows)
-    CliRunner().invoke(app, args)  # a second step appends: earlier rows are kept
+    bench(args)  # a second step appends: earlier rows are kept
     assert len(out.read_text().splitlines()) > len(lines)
 
 
@@ -99,13 +107,13 @@ def test_text_ceiling_errors_are_one_line(tmp_path):
     from d2v.export import export_checkpoint
     from d2v.train import pretrain
 
-    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "missing")])
-    assert result.exit_code == 1 and "error" in result.output
+    result = bench(["text-ceiling", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
     pretrain(tiny_config(**{"run.steps": 1}), out=tmp_path / "run", progress=False)
     export_checkpoint(tmp_path / "run", tmp_path / "enc", hf=False)
-    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "enc")])
-    assert result.exit_code == 1 and "vision encoder; give d2v text exports" in result.output
-    result = CliRunner().invoke(app, ["text-ceiling", str(tmp_path / "enc"), "--dims", "12x"])
+    result = bench(["text-ceiling", str(tmp_path / "enc")])
+    assert result.exit_code == 2 and "vision encoder; give d2v text exports" in result.output
+    result = bench(["text-ceiling", str(tmp_path / "enc"), "--dims", "12x"])
     assert result.exit_code == 2 and "--dims" in result.output
 
 
@@ -116,7 +124,7 @@ def test_sweep_probes_every_checkpoint_of_every_run(tmp_path):
              "weights": ["student", "teacher"], "set": ["run.batch_size=8"]},
             {"name": "bad", "modality": "vision", "steps": 1, "probe": "digits", "set": ["no.such_key=1"]}]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w"),
+    result = bench(["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w"),
                                       "--parallel", "2"])
     assert result.exit_code == 1, result.output
     records = {r["name"]: r for r in map(json.loads, (tmp_path / "w" / "sweep.jsonl").read_text().splitlines())}
@@ -124,8 +132,8 @@ def test_sweep_probes_every_checkpoint_of_every_run(tmp_path):
     rows = records["a"]["rows"]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0.0 <= r[w] <= 1.0 for r in rows for w in ("student", "teacher"))
-    again = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
-    assert again.exit_code == 1 and "already holds runs named a;" in again.output
+    again = bench(["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
+    assert again.exit_code == 2 and "already holds runs named a;" in again.output
     assert len((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()) == 2  # nothing appended, nothing run
 
 
@@ -140,8 +148,9 @@ def test_sweep_probes_every_checkpoint_of_every_run(tmp_path):
 ])
 def test_sweep_spec_errors_are_one_line(tmp_path, spec, message):
     (tmp_path / "spec.json").write_text(spec)
-    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
-    assert result.exit_code == 1 and message in result.output and not (tmp_path / "w").exists()
+    result = bench(["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "w").exists()
+    assert result.output.startswith("Error:") and result.output.count("\n") == 1, result.output
 
 
 def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_path, monkeypatch):
@@ -155,7 +164,7 @@ def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_
         seed = int(args[args.index("--set") + 1].split("=")[1])
         calls.append((recipe, seed))
         out.mkdir(parents=True)
-        (out / "metrics.jsonl").write_text('{"samples_per_s": 5.0}\n')
+        (out / "metrics.jsonl").write_text('{"step": 1, "samples_per_s": 5.0}\n')
         return 0.0, 100.0
 
     def fake_probe(run, t0, probe_data, max_train, holdout, work):
@@ -166,7 +175,7 @@ def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_
     monkeypatch.setattr(recipes, "_pretrain", fake_pretrain)
     monkeypatch.setattr(recipes, "_probe_checkpoints", fake_probe)
     monkeypatch.setattr(recipes, "_last", lambda run: "step_2")
-    monkeypatch.setattr("d2v.probe.probe_path", lambda *a, **k: type("R", (), {"accuracy": 0.5})())
+    monkeypatch.setattr(recipes, "probe_path", lambda *a, **k: type("R", (), {"accuracy": 0.5})())
     result = recipes.run("speech", "spoken-digits", checkpoints=2, seeds=[3, 5])
     assert calls == [("v1", 3), ("v2", 3), ("v1", 5), ("v2", 5)]
     assert [r["seed"] for r in result["records"]] == [3, 3, 5, 5]
@@ -181,5 +190,71 @@ def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_
 
 @pytest.mark.parametrize("seeds", ["1,x", "-1", ","])
 def test_recipes_bad_seeds_are_one_line(seeds):
-    result = CliRunner().invoke(app, ["recipes", "--probe-data", "fashion-mnist", "--seeds", seeds])
+    result = bench(["recipes", "--probe-data", "fashion-mnist", "--seeds", seeds])
     assert result.exit_code == 2 and "--seeds" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["kernels", "--runs", "0"], "--runs"),
+    (["kernels", "--ops", "nothing"], "--ops"),
+    (["pretrain", "--nproc", "0"], "--nproc"),
+    (["pretrain", "--repeats", "0"], "--repeats"),
+    (["pretrain", "--threads", "-2"], "--threads"),
+    (["shared", "--warmup", "-1"], "--warmup"),
+    (["shared", "--busy", "nothing"], "--busy"),
+    (["peer", "--steps", "2"], "--steps"),
+    (["peer", "--peer-python", "/no/such/python"], "--peer-python"),
+    (["data", "--batches", "1"], "--batches"),
+    (["data", "--num-workers", "-5"], "--num-workers"),
+    (["recipes", "--probe-data", "digits", "--max-train", "-1000"], "--max-train"),
+    (["recipes", "--probe-data", "digits", "--checkpoints", "0"], "--checkpoints"),
+    (["sweep", "nonexist.json", "--out", "w"], "cannot read the sweep spec"),
+    (["sweep", "nonexist.json", "--out", "w", "--parallel", "0"], "--parallel"),
+    (["text-ceiling", "x", "--dims", "0"], "--dims"),
+])
+def test_bench_errors_follow_the_cli_rules(tmp_path, monkeypatch, args, flag):
+    """Every benchmark's usage error: one `Error:` line naming what is wrong, exit 2, nothing run."""
+    monkeypatch.chdir(tmp_path)
+    result = bench(args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error:") and result.output.count("\n") == 1 and flag in result.output, \
+        result.output
+    assert "Traceback" not in result.output and "Usage:" not in result.output
+
+
+def test_r2_by_group_reads_what_the_features_encode():
+    from d2v.bench.text_diagnosis import r2_by_group
+
+    groups = torch.arange(400) % 8
+    table = torch.randn(8, 16)
+    assert r2_by_group(table[groups], groups) == pytest.approx(1.0)  # features that are the group
+    noise = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    assert r2_by_group(noise, groups) < 0.05  # features that ignore it
+    mixed = r2_by_group(table[groups] + noise, groups)
+    assert 0.2 < mixed < 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["d2v", "mlm"])
+def test_text_diagnosis_trains_and_measures_position_and_token(tmp_path, objective):
+    """Both arms train on the same data and write the diagnostics; the masked-LM loss starts near log(vocab)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the cat sat on mat {i} while the dog ran to park {i % 7}\n" for i in range(300)))
+    out = tmp_path / "diag.jsonl"
+    tiny = ["model.dim=32", "model.depth=2", "model.num_heads=2", "model.ffn_dim=64", "model.max_length=32",
+            "targets.top_k=2", "data.vocab_size=300", "run.batch_size=8"]
+    args = ["text-diagnosis", "--objective", objective, "--data", str(corpus), "--steps", "20", "--diag-at", "0,20",
+            "--probes", "", "--jsonl", str(out)] + [a for kv in tiny for a in ("--set", kv)]
+    result = bench(args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["objective"] == objective and "text-diagnosis" in records[0]["command"]
+    diag = [r["diag"] for r in records if "diag" in r]
+    assert len(diag) == 2 and all(0.0 <= v <= 1.0 + 1e-9 for d in diag for v in d.values())
+    assert ("target_R2_position" in diag[0]) == (objective == "d2v")
+    if objective == "d2v":
+        assert {"teacher_layer0_R2_token", "teacher_layer1_R2_position"} <= set(diag[0])
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert records[-1] == {"done": True, "steps": 20, "train_s": records[-1]["train_s"]} and len(losses) == 2
+    if objective == "mlm":
+        assert losses[-1] < losses[0] < 1.5 * np.log(300)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_cli_args
+from conftest import TINY_OVERRIDES, tiny_cli_args
 from d2v.cli import app
 
 runner = CliRunner()
@@ -93,13 +93,15 @@ def test_dry_run_prints_resolved_config(tmp_path):
 
 
 def test_presets_follow_spec():
-    result = run("pretrain", "--preset", "base", "--dry-run", "--image-size", "32", "--set", "model.patch_size=16")
+    # v1's base and large (SPEC.md); v2's follow the reference's v2 configs (tests/test_recipes.py)
+    result = run("pretrain", "--preset", "base", "--recipe", "v1", "--dry-run", "--no-estimate", "--image-size", "32",
+                 "--set", "model.patch_size=16")
     cfg = json.loads(result.stdout)  # stderr may carry a memory warning: a base run does not fit this machine
     m, t = cfg["model"], cfg["targets"]
     assert (m["dim"], m["depth"], m["num_heads"], m["ln_eps"]) == (768, 12, 12, 1e-6)
     assert (t["top_k"], t["loss_beta"], t["norm"], t["final_norm"]) == (6, 2.0, "layer", "layer")
     assert round(cfg["mask"]["ratio"] * 196) == 120 and cfg["ema"]["decay"] == 0.9998  # 120 of 196, the recipe and cfg["optim"]["lr"] == 2e-3
-    large = json.loads(run("pretrain", "--preset", "large", "--dry-run", "--image-size", "32",
+    large = json.loads(run("pretrain", "--preset", "large", "--recipe", "v1", "--dry-run", "--no-estimate", "--image-size", "32",
                            "--set", "model.patch_size=16").stdout)["model"]
     assert (large["dim"], large["depth"], large["num_heads"]) == (1024, 24, 16)
 
@@ -156,9 +158,9 @@ def test_error_paths(run_dir, tmp_path):
 
 
 def test_fashion_mnist_missing_package_is_named(monkeypatch, tmp_path):
-    from d2v.data import vision
+    from d2v.data import images
 
-    monkeypatch.setattr(vision, "FASHION_MNIST_DIRS", [tmp_path / "none"])
+    monkeypatch.setattr(images, "FASHION_MNIST_DIRS", [tmp_path / "none"])
     fails_with(run("pretrain", "--data", "fashion-mnist"), "dataset-fashion-mnist")
 
 
@@ -172,3 +174,114 @@ def test_env_lists_backends():
     result = run("env")
     assert result.exit_code == 0
     assert "torch" in result.output and "op backends" in result.output and "auto on cpu" in result.output
+
+
+def test_env_names_the_extra_to_install_when_triton_is_missing(monkeypatch):
+    """Issue 25, item 12: "pip install 'd2v[triton]'", not "'d2v'" (rich read [triton] as markup)."""
+    from d2v.ops import backends
+
+    real = backends.import_optional
+    monkeypatch.setattr(backends, "import_optional", lambda name: (None, "ModuleNotFoundError: No module named "
+                                                                   f"'{name}'") if name == "triton" else real(name))
+    result = run("env")
+    assert result.exit_code == 0 and "pip install 'd2v[triton]'" in " ".join(result.output.split()), result.output
+
+
+def test_probe_on_one_class_says_two_classes_are_needed(run_dir, tmp_path):
+    """Issue 25, item 12: a folder whose files all sit in one class folder is not "unlabelled"."""
+    import soundfile as sf
+    from PIL import Image
+
+    from d2v.data.corpus import load_labelled_text
+    from d2v.data.recordings import labelled_split, load_audio
+    from d2v.core.errors import DataError
+
+    for i in range(4):
+        (tmp_path / "img" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "img" / "cat" / f"{i}.png")
+        (tmp_path / "wav" / "yes").mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / "wav" / "yes" / f"{i}.wav", np.random.default_rng(i).normal(size=8000) * 0.1, 16000)
+        (tmp_path / "txt" / "news").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "txt" / "news" / f"{i}.txt").write_text(f"document number {i}\n")
+    fails_with(run("probe", run_dir, "--data", tmp_path / "img"), "at least two classes")
+    with pytest.raises(DataError, match="one class .*'yes'.* at least two classes"):
+        labelled_split(load_audio(str(tmp_path / "wav")), "train")
+    with pytest.raises(DataError, match="one class .*'news'.* at least two classes"):
+        load_labelled_text(str(tmp_path / "txt"), "train", None, 32)
+    (tmp_path / "img" / "loose.png").write_bytes((tmp_path / "img" / "cat" / "0.png").read_bytes())
+    fails_with(run("probe", run_dir, "--data", tmp_path / "img"), "one sub-folder per class")  # truly unlabelled
+
+
+@pytest.mark.parametrize("command", [["probe"], ["finetune"], ["export", "checkpoint"], ["export", "onnx"], ["embed"],
+                                     ["predict"], ["plot"], ["bench", "text-ceiling"]])
+def test_usage_lines_name_arguments_in_capitals(command):
+    """`Usage: d2v probe [OPTIONS] PATH`, not typer's `{path}`."""
+    usage = next(line for line in run(*command, "--help").output.splitlines() if line.startswith("Usage:"))
+    assert "{" not in usage and "}" not in usage, usage
+    assert usage.split()[-1].rstrip(".").isupper(), usage
+
+
+def test_python_m_d2v_in_a_checkout_leaves_the_kernels_name_to_transformers():
+    """`python -m d2v` from the repository root: the top-level kernels/ folder (d2v.kernels) must not shadow the
+    `kernels` package transformers imports."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import runpy\ntry:\n    runpy.run_module('d2v', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "import transformers.integrations.hub_kernels\nprint('imported')")
+    proc = subprocess.run([sys.executable, "-c", code, "--version"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_version_and_suggestions_for_a_mistyped_command():
+    import d2v
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"d2v {d2v.__version__}"
+    fails_with(run("export", "runs/x"), "Did you mean: root export checkpoint runs/x")  # CliRunner calls it root
+    fails_with(run("export", "runs/x", "--out", "enc"), "export checkpoint runs/x --out enc")
+    fails_with(run("data", "./wavs", "--modality", "speech"), "data check --data ./wavs --modality speech")
+    fails_with(run("export", "chekpoint", "runs/x"), "Did you mean 'checkpoint'?")
+    fails_with(run("pretrian"), "Did you mean 'pretrain'?")
+    assert "checkpoint" in run("export", "--help").output and "check" in run("data", "--help").output
+
+
+@pytest.mark.parametrize("modality, default", [("vision", "v2"), ("speech", "v2"), ("text", "v1")])
+def test_default_recipe_per_modality_and_v1_one_flag_away(modality, default, tmp_path):
+    # Without --recipe a new run gets the recipe that wins on the modality's probes (README, Measured).
+    from d2v.core.presets import DEFAULT_RECIPE
+
+    assert DEFAULT_RECIPE[modality] == default
+    plain = run("pretrain", "--modality", modality, "--dry-run", "--no-estimate", "--out", tmp_path / "a")
+    assert plain.exit_code == 0, plain.output
+    cfg = json.loads(plain.stdout)
+    assert cfg["recipe"] == default and (cfg["mask"]["clones"] > 1) == (default == "v2")  # v2: masked clones
+    v1 = json.loads(run("pretrain", "--modality", modality, "--recipe", "v1", "--dry-run", "--no-estimate",
+                        "--out", tmp_path / "b").stdout)
+    assert v1["recipe"] == "v1" and v1["mask"]["clones"] == 1
+
+
+def test_resume_and_init_from_keep_the_encoders_recipe(tmp_path):
+    # A run started with --recipe v1 (as every vision run before v2 became the default) resumes as v1 without
+    # --recipe, and a default (v2) vision run resumes as v2; naming the other recipe is refused.
+    for recipe, flags in (("v1", ["--recipe", "v1"]), ("v2", [])):
+        out = tmp_path / recipe
+        shrunk = [a for key, value in TINY_OVERRIDES.items() if key != "run.steps" for a in ("--set", f"{key}={value}")]
+        started = run("pretrain", "--modality", "vision", "--out", out, *flags, *shrunk, "--steps", "2", "--no-progress")
+        assert started.exit_code == 0, started.output
+        result = run("pretrain", "--resume", "--out", out, "--steps", "3", "--no-progress")
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["recipe"] == recipe and saved["run"]["steps"] == 3
+        assert (out / "checkpoints" / "step_00000003").is_dir()
+        other = "v2" if recipe == "v1" else "v1"
+        fails_with(run("pretrain", "--resume", "--out", out, "--recipe", other), "--recipe cannot change")
+        # A new run from this encoder without --recipe trains under the recipe its architecture needs.
+        new = run("pretrain", "--init-from", out, "--set", "targets.top_k=2", "--dry-run", "--no-estimate",
+                  "--out", tmp_path / f"new-{recipe}")  # top_k: the 2-block encoder's
+        assert new.exit_code == 0, new.output
+        assert json.loads(new.stdout)["recipe"] == recipe

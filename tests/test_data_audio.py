@@ -11,8 +11,11 @@ import soundfile as sf
 
 from d2v.data import speech as speech_data
 from d2v.data import spoken_digits
-from d2v.data.speech import bucketed, load_audio, read_audio, resample
-from d2v.errors import DataError
+from d2v.data.pipeline import build_pipeline
+from d2v.data.speech import bucketed
+from d2v.data.recordings import load_audio
+from d2v.data.audio import read_audio, resample
+from d2v.core.errors import DataError
 
 SR = 16000
 
@@ -60,7 +63,7 @@ def test_pipeline_batches_are_bucketed_and_deterministic(tmp_path):
     for i in range(24):
         sf.write(str(tmp_path / f"{i:02d}.wav"), tone(0.05 + 0.02 * i), SR)
     cfg = tiny_config(tmp_path, **{"data.crop_seconds": 2.0})
-    pipe = speech_data.SpeechPipeline(cfg)
+    pipe = build_pipeline(cfg)
     W, B = speech_data.BUCKET_WINDOW, cfg.run.batch_size
     window = pipe.indices(0, W * B).reshape(W, B)  # the window's samples, regrouped into batches by length
     assert sorted(window.reshape(-1).tolist()) == sorted(pipe.order.indices(0, W * B).tolist())
@@ -69,7 +72,7 @@ def test_pipeline_batches_are_bucketed_and_deterministic(tmp_path):
     spread = np.ptp(pipe.dataset.lengths[window], axis=1).mean()
     assert spread < 0.25 * np.ptp(pipe.dataset.lengths)  # similar lengths in a batch
     b = micro(pipe, 2)
-    again = micro(speech_data.SpeechPipeline(tiny_config(tmp_path, **{"data.crop_seconds": 2.0})), 2)
+    again = micro(build_pipeline(tiny_config(tmp_path, **{"data.crop_seconds": 2.0})), 2)
     assert (b.inputs == again.inputs).all() and (b.mask == again.mask).all()
 
 
@@ -117,12 +120,14 @@ def test_spoken_digits_without_espeak_use_the_newest_set_generated_earlier(monke
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_spoken_digits_are_generated_with_held_out_voices(tmp_path, monkeypatch):
-    from d2v.data.speech import default_holdout, labelled_split
+    from d2v.data.recordings import default_holdout, labelled_split
 
     n = spoken_digits.generate(tmp_path / "sd", voices=["en-us", "en-gb", "en-us-nyc"], variants=[""],
                                speeds=[165])
     assert n == 30 and sorted(p.name for p in (tmp_path / "sd").iterdir()) == sorted(spoken_digits.DIGITS)
-    monkeypatch.setattr(spoken_digits, "spoken_digits_dir", lambda: tmp_path / "sd")
+    import d2v.data.recordings as recordings
+
+    monkeypatch.setattr(recordings, "spoken_digits_dir", lambda: tmp_path / "sd")  # where load_audio looks it up
     ds = load_audio("spoken-digits")
     assert ds.classes == sorted(spoken_digits.DIGITS) and len(ds) == 30
     test = labelled_split(ds, "test", default_holdout("spoken-digits"))

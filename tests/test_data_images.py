@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from conftest import tiny_cli_args, tiny_config, micro
 from d2v.cli import app
-from d2v.data import vision
+from d2v.data import images, imagedecode
 from d2v.data.imagedecode import center_box, decode, random_resized_box
 from d2v.data.pipeline import build_pipeline
 from d2v.data.sources import MANIFEST_NAME
-from d2v.errors import DataError
+from d2v.core.errors import DataError
 from d2v.train import pretrain
 
 
@@ -79,7 +79,7 @@ def test_exif_rotation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": the displayed image is 20 wide, 40 high, top half white
     data = png_bytes(im, format="JPEG", exif=exif.tobytes(), quality=95)
-    (w, h), _ = vision.header(data)
+    (w, h), _ = imagedecode.header(data)
     assert (w, h) == (20, 40)
     data.seek(0)
     out = decode(data, 1, 20, lambda w, h: (0, 0, w, h)).astype(float)[0]  # box = whole upright image
@@ -125,14 +125,14 @@ def test_scan_lists_without_decoding_and_first_batch_is_lazy(tmp_path, monkeypat
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
-    ds = vision.load_images(str(tmp_path / "imgs"), "all", image_size=16)
+    ds = images.load_images(str(tmp_path / "imgs"), "all", image_size=16)
     assert len(ds) == 600 and ds.classes == ["c0", "c1"]
-    assert len(opened) <= vision.HEADER_SAMPLE and ds.decodes == 0  # headers only
+    assert len(opened) <= images.HEADER_SAMPLE and ds.decodes == 0  # headers only
     cfg = tiny_config(**{"data.source": str(tmp_path / "imgs"), "data.image_size": 16, "model.image_size": 0})
     pipe = build_pipeline(cfg)  # channels, size and pixel statistics from a few files
     batch = micro(pipe, 0)
     assert batch.inputs.shape == (16, 3, 16, 16) and batch.inputs.dtype == torch.uint8
-    assert pipe.dataset.decodes <= vision.FILE_STATS_IMAGES + 16 < 600 // 2
+    assert pipe.dataset.decodes <= images.FILE_STATS_IMAGES + 16 < 600 // 2
 
 
 def test_bad_files_are_found_lazily_named_or_skipped(tmp_path):
@@ -154,19 +154,19 @@ def test_npy_non_square_is_cropped_with_image_size(tmp_path):
     arr = np.random.default_rng(0).integers(0, 255, (10, 12, 20), dtype=np.uint8)
     np.save(tmp_path / "x.npy", arr)
     with pytest.raises(DataError, match="--image-size"):
-        vision.load_images(str(tmp_path / "x.npy"), "all")
-    ds = vision.load_images(str(tmp_path / "x.npy"), "all", image_size=8)
+        images.load_images(str(tmp_path / "x.npy"), "all")
+    ds = images.load_images(str(tmp_path / "x.npy"), "all", image_size=8)
     assert ds.shape == (1, 8, 8) and len(ds) == 10
 
 
 def test_tilde_paths_are_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     make_folder(tmp_path / "imgs", n=6, size=(8, 8))
-    assert len(vision.load_images("~/imgs", "all")) == 6
+    assert len(images.load_images("~/imgs", "all")) == 6
 
 
 def _weights(run):
-    from d2v import checkpoint as ckpt
+    from d2v.runtime import checkpoint as ckpt
 
     return load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
 
@@ -211,7 +211,7 @@ def test_workers_give_the_same_run_as_no_workers(tmp_path):
 
 
 def test_color_jitter_changes_brightness_contrast_saturation_within_bounds():
-    from d2v.data.pipeline import color_jitter
+    from d2v.data.augment import color_jitter
 
     rng = np.random.default_rng()
     x = torch.rand(64, 3, 8, 8) * 0.5 + 0.25
@@ -222,7 +222,21 @@ def test_color_jitter_changes_brightness_contrast_saturation_within_bounds():
     assert torch.equal(color_jitter(x, 0.4, np.random.default_rng(3)), color_jitter(x, 0.4, np.random.default_rng(3)))
     gray = color_jitter(x[:, :1], 0.4, rng)
     assert gray.shape == (64, 1, 8, 8)
-    from d2v.presets import preset_config
+    from d2v.core.presets import preset_config
 
     assert preset_config("vision", "base").data.color_jitter == 0.4
     assert preset_config("vision", "base").data.crop_scale == (0.08, 1.0)
+
+
+def test_builtin_digits_are_scikit_learns():
+    """The built-in digits are read from scikit-learn's file without importing it: the same images and labels as
+    load_digits, scaled from 0..16 to 0..255."""
+    from sklearn.datasets import load_digits
+
+    from d2v.data.images import _digits
+
+    images, labels = _digits()
+    d = load_digits()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[:, 0], np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(labels, d.target)

@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config, micro
-from d2v import checkpoint as ckpt
-from d2v.data import text as textdata
+from d2v.runtime import checkpoint as ckpt
+from d2v.core import tokenizer as toks
 from d2v.data.pipeline import build_pipeline
 from d2v.data.sources import list_source, shard_paths
-from d2v.data.speech import SpeechPipeline
-from d2v.errors import DataError
+from d2v.core.errors import DataError
 from d2v.train import pretrain
 from test_data_images import make_folder
 
@@ -71,7 +70,7 @@ def test_speech_shards_and_tsv_manifest_equal_the_folder(tmp_path):
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.flac"))
     tsv = tmp_path / "train.tsv"
     tsv.write_text(f"{folder}\n" + "".join(f"{n}\t{sf.info(str(folder / n)).frames}\n" for n in names))
-    pipes = [SpeechPipeline(speech_config(src)) for src in (folder, str(tmp_path / "shards/part-{00..01}.tar"), tsv)]
+    pipes = [build_pipeline(speech_config(src)) for src in (folder, str(tmp_path / "shards/part-{00..01}.tar"), tsv)]
     assert [p.dataset.classes for p in pipes] == [["c0", "c1"]] * 3
     for k in range(4):
         ref = micro(pipes[0], k)
@@ -86,9 +85,9 @@ def test_text_shards_equal_the_folder(tmp_path):
 
     folder = write_corpus(tmp_path / "corpus", 30_000, lines_per_file=40)
     write_shards(folder, tmp_path / "shards", 3)
-    a = textdata.TextPipeline(text_config(**{"data.source": str(folder), "data.doc_per_line": True}))
-    b = textdata.TextPipeline(text_config(**{"data.source": str(tmp_path / "shards"), "data.doc_per_line": True}))
-    assert textdata.tokenizer_sha256(a.tokenizer) == textdata.tokenizer_sha256(b.tokenizer)
+    a = build_pipeline(text_config(**{"data.source": str(folder), "data.doc_per_line": True}))
+    b = build_pipeline(text_config(**{"data.source": str(tmp_path / "shards"), "data.doc_per_line": True}))
+    assert toks.tokenizer_sha256(a.tokenizer) == toks.tokenizer_sha256(b.tokenizer)
     for k in range(3):
         assert torch.equal(micro(a, k).inputs, micro(b, k).inputs)
 

@@ -13,10 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from d2v.cli import app
-from d2v.config import set_by_path
-from d2v.data import text as textdata
-from d2v.errors import DataError
-from d2v.presets import preset_config
+from d2v.data.pipeline import build_pipeline
+from d2v.core.config import set_by_path
+from d2v.core import tokenizer as toks
+from d2v.data import corpus as corpora
+from d2v.data import tokens as token_files
+from d2v.core.errors import DataError
+from d2v.core.presets import preset_config
 
 TINY = {"model.dim": 32, "model.depth": 2, "model.num_heads": 2, "model.ffn_dim": 64, "model.max_length": 32,
         "targets.top_k": 2, "data.vocab_size": 300, "run.batch_size": 8, "run.steps": 2, "run.log_every": 1}
@@ -48,59 +51,59 @@ def write_corpus(path, n_bytes, seed=0, lines_per_file=200):
 def test_tokens_are_cached_by_corpus_and_match_packing(tmp_path, monkeypatch):
     root = write_corpus(tmp_path / "c", 20_000)
     cfg = text_config(**{"data.source": str(root)})
-    pipe = textdata.TextPipeline(cfg)
+    pipe = build_pipeline(cfg)
     assert pipe.blocks.path.exists() and pipe.blocks.dtype == np.uint16  # vocab 300: two bytes a token
-    corpus = textdata.read_corpus(str(root))
+    corpus = corpora.read_corpus(str(root))
     assert cfg.data.sample_break == "complete_doc"  # the text presets' default, as the reference
-    want = textdata.pack(pipe.tokenizer, corpus.docs, 32, "complete_doc").numpy()
+    want = token_files.pack(pipe.tokenizer, corpus.docs, 32, "complete_doc").numpy()
     assert np.array_equal(pipe.blocks.blocks(np.arange(len(pipe.blocks))), want)
 
     def no_tokenizing(*a, **k):
         raise AssertionError("the corpus was tokenized again")
 
-    monkeypatch.setattr(textdata, "token_chunks", no_tokenizing)
-    monkeypatch.setattr(textdata, "train_tokenizer", no_tokenizing)
-    again = textdata.TextPipeline(text_config(**{"data.source": str(root)}))
+    monkeypatch.setattr(token_files, "token_chunks", no_tokenizing)
+    monkeypatch.setattr(token_files, "train_tokenizer", no_tokenizing)
+    again = build_pipeline(text_config(**{"data.source": str(root)}))
     assert again.blocks.path == pipe.blocks.path
     assert torch.equal(micro(again, 1).inputs, micro(pipe, 1).inputs)
     (root / "part00000.txt").write_text("changed text\n")  # a changed corpus is a new cache entry
     with pytest.raises(AssertionError, match="tokenized again"):
-        textdata.TextPipeline(text_config(**{"data.source": str(root)}))
+        build_pipeline(text_config(**{"data.source": str(root)}))
 
 
 def test_complete_doc_blocks_come_from_the_cached_document_index(tmp_path, monkeypatch):
-    monkeypatch.setattr(textdata, "PIECE_BYTES", 256)  # the long document is tokenized in several pieces
+    monkeypatch.setattr(corpora, "PIECE_BYTES", 256)  # the long document is tokenized in several pieces
     root = tmp_path / "c"
     root.mkdir()
     (root / "a.txt").write_text("".join(f"line {i} of a long document about {WORDS[i % 20]}\n" for i in range(60)))
     (root / "b.txt").write_text("a short one")
     (root / "c.txt").write_text("river stone harbour lantern meadow")
     cfg = text_config(**{"data.source": str(root), "data.sample_break": "complete_doc"})
-    pipe = textdata.TextPipeline(cfg)
+    pipe = build_pipeline(cfg)
     docs_file = pipe.blocks.path.with_name(pipe.blocks.path.name + ".docs.int64")
     assert np.fromfile(docs_file, dtype=np.int64).size == 3  # one <s> per document, not per piece
     texts = [(root / n).read_text() for n in ("a.txt", "b.txt", "c.txt")]  # pieces are cut after newlines
-    want = textdata.pack(pipe.tokenizer, texts, 32, "complete_doc").numpy()
+    want = token_files.pack(pipe.tokenizer, texts, 32, "complete_doc").numpy()
     assert np.array_equal(pipe.blocks.blocks(np.arange(len(pipe.blocks))), want)
     batch = micro(pipe, 0)
-    assert (batch.inputs[:, 0] == textdata.BOS_ID).all() and not batch.mask[:, 0].any()
-    packed = textdata.TextPipeline(text_config(**{"data.source": str(root), "data.sample_break": "none"}))
+    assert (batch.inputs[:, 0] == toks.BOS_ID).all() and not batch.mask[:, 0].any()
+    packed = build_pipeline(text_config(**{"data.source": str(root), "data.sample_break": "none"}))
     assert packed.blocks.path == pipe.blocks.path and len(packed.blocks) < len(pipe.blocks)  # one token file
     docs_file.unlink()  # a token file cached before the document index is rebuilt with it
-    again = textdata.TextPipeline(text_config(**{"data.source": str(root), "data.sample_break": "complete_doc"}))
+    again = build_pipeline(text_config(**{"data.source": str(root), "data.sample_break": "complete_doc"}))
     assert docs_file.exists() and np.array_equal(again.blocks.blocks(np.arange(len(again.blocks))), want)
 
 
 def test_large_document_is_streamed_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(textdata, "PIECE_BYTES", 64)
+    monkeypatch.setattr(corpora, "PIECE_BYTES", 64)
     text = "".join(f"line {i} of one long document\n" for i in range(50)) + "no newline at the end"
     (tmp_path / "big.txt").write_text(text)
-    pieces = list(textdata.open_corpus(str(tmp_path)).pieces())
+    pieces = list(corpora.open_corpus(str(tmp_path)).pieces())
     assert len(pieces) > 10 and pieces[0][1] and not pieces[0][2] and pieces[-1][2] and not pieces[-1][1]
     assert "".join(p[0] for p in pieces) == text
-    tok = textdata.train_tokenizer([text], 300)
-    ids = np.concatenate(list(textdata.token_chunks(tok, iter(pieces))))
-    assert ids[0] == textdata.BOS_ID and ids[-1] == textdata.EOS_ID and (ids == textdata.BOS_ID).sum() == 1
+    tok = toks.train_tokenizer([text], 300)
+    ids = np.concatenate(list(token_files.token_chunks(tok, iter(pieces))))
+    assert ids[0] == toks.BOS_ID and ids[-1] == toks.EOS_ID and (ids == toks.BOS_ID).sum() == 1
     assert tok.decode(ids[1:-1].tolist()) == text
 
 
@@ -122,12 +125,12 @@ def roberta_like_tokenizer(docs, path):
 
 def test_given_tokenizer_is_used_with_its_own_special_ids(tmp_path, monkeypatch):
     root = write_corpus(tmp_path / "c", 10_000)
-    tok = roberta_like_tokenizer(textdata.read_corpus(str(root)).docs, tmp_path / "rob.json")
+    tok = roberta_like_tokenizer(corpora.read_corpus(str(root)).docs, tmp_path / "rob.json")
     mask_id = tok.token_to_id("<mask>")
-    assert mask_id == tok.get_vocab_size() - 1 and mask_id != textdata.MASK_ID
+    assert mask_id == tok.get_vocab_size() - 1 and mask_id != toks.MASK_ID
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = text_config(**{"data.source": str(root), "data.tokenizer": "~/rob.json", "data.doc_per_line": True})
-    pipe = textdata.TextPipeline(cfg)
+    pipe = build_pipeline(cfg)
     assert cfg.model.vocab_size == tok.get_vocab_size() and cfg.model.mask_id == mask_id
     b = micro(pipe, 0)
     assert (b.student_inputs[b.mask] == mask_id).float().mean() > 0.5
@@ -139,21 +142,21 @@ def test_given_tokenizer_is_used_with_its_own_special_ids(tmp_path, monkeypatch)
             "--out", str(run), "--no-progress"] + [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert textdata.load_tokenizer(run / "tokenizer.json").to_str() == tok.to_str()
+    assert toks.load_tokenizer(run / "tokenizer.json").to_str() == tok.to_str()
 
     from tokenizers import Tokenizer, models
 
     bare = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     bare.save(str(tmp_path / "bare.json"))
     with pytest.raises(DataError, match="<mask>"):
-        textdata.TextPipeline(text_config(**{"data.source": str(root), "data.tokenizer": str(tmp_path / "bare.json")}))
+        build_pipeline(text_config(**{"data.source": str(root), "data.tokenizer": str(tmp_path / "bare.json")}))
 
 
 def test_text_paths_expand_home(tmp_path, monkeypatch):
     write_corpus(tmp_path / "corpus", 2_000)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert len(textdata.read_corpus("~/corpus").docs) > 0  # before: "neither a built-in name nor a path"
-    assert micro(textdata.TextPipeline(text_config(**{"data.source": "~/corpus"})), 0).inputs.shape == (8, 32)
+    assert len(corpora.read_corpus("~/corpus").docs) > 0  # before: "neither a built-in name nor a path"
+    assert micro(build_pipeline(text_config(**{"data.source": "~/corpus"})), 0).inputs.shape == (8, 32)
 
 
 _PEAK = textwrap.dedent("""

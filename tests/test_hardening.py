@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import tiny_cli_args, tiny_config
-from d2v import checkpoint as ckpt
+from d2v.runtime import checkpoint as ckpt
 from d2v.cli import app
-from d2v.errors import CheckpointError, ConfigError, UserError
+from d2v.core.errors import CheckpointError, ConfigError, UserError
 from d2v.train import pretrain
 
 runner = CliRunner()
@@ -70,14 +70,14 @@ def test_export_target_that_is_a_file_or_another_kind_of_directory(done_run, tmp
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     fails_with(run("export", "checkpoint", done_run, "--out", tmp_path / "mine"), "not a d2v export")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
-    fails_with(run("export", "checkpoint", done_run, "--out", "/proc/d2v-x"), "not writable")
+    fails_with(run("export", "checkpoint", done_run, "--out", "/proc/d2v-x"), "not writable", code=1)
 
 
 def test_exports_from_threads_of_one_process_into_one_parent_all_succeed(tmp_path):
     """The writability check of --out must not trip over a sibling thread's check of the same parent folder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from d2v.rundir import check_writable_dir
+    from d2v.runtime.rundir import check_writable_dir
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: [check_writable_dir(tmp_path / f"enc{i}", "--out") for _ in range(200)], range(8)))
@@ -94,8 +94,8 @@ def test_invalid_config_is_refused_before_the_run_directory_exists(tmp_path):
 
 
 def test_error_mid_run_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tmp_path, monkeypatch):
-    from d2v.data.pipeline import VisionPipeline
-    from d2v.errors import DataError
+    from d2v.data.vision import VisionPipeline
+    from d2v.core.errors import DataError
 
     cfg = lambda: tiny_config(**{"run.steps": 8})  # noqa: E731
     full = pretrain(cfg(), out=tmp_path / "full", progress=False)
@@ -188,7 +188,7 @@ def test_export_refuses_non_finite_weights(done_run, tmp_path):
 
 
 def test_a_locked_run_directory_is_refused(tmp_path):
-    from d2v.rundir import RunLock
+    from d2v.runtime.rundir import RunLock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -283,14 +283,14 @@ def test_resume_needs_no_repeated_options_and_data_path_is_absolute(tmp_path, mo
 
 
 def test_resume_of_a_text_run_without_modality():
-    from d2v.cli import _apply_resume_overrides
-    from d2v.presets import preset_config
+    from d2v.train import apply_resume_overrides
+    from d2v.core.presets import preset_config
 
     saved = preset_config("text")
-    _apply_resume_overrides(saved, {"run.device": "cpu"}, None, None)  # no --modality: the run's own
+    apply_resume_overrides(saved, {"run.device": "cpu"}, None, None)  # no --modality: the run's own
     assert saved.modality == "text" and saved.run.device == "cpu"
     with pytest.raises(ConfigError, match="--modality cannot change"):
-        _apply_resume_overrides(saved, {}, None, "vision")
+        apply_resume_overrides(saved, {}, None, "vision")
 
 
 # 10. signals
@@ -330,7 +330,7 @@ def test_sigterm_saves_exits_143_and_resume_finishes(tmp_path):
     (["--set", "model.pixel_mean=0.5,0.5,0.5"], "one value per channel"),
     (["--set", "data.crop_scale=0.1"], "data.crop_scale"),
     (["--seed", "-1"], "--seed (run.seed)"),
-    (["--num-workers", "-1"], "--num-workers"),
+    (["--num-workers", "-2"], "--num-workers"),
     (["--image-size", "4096"], "GiB"),
     (["--image-size", "-5"], "--image-size"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
@@ -353,12 +353,13 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_with_the_figure(tmp_path):
     args = ["--image-size", "64", "--batch-size", "100000", "--set", "model.patch_size=8"]
     fails_with(run("pretrain", "--out", out, *args), "GiB per step")
     assert not out.exists()
-    result = run("pretrain", "--dry-run", *args)  # a dry run shows the config and warns
+    result = run("pretrain", "--dry-run", "--no-estimate", *args)  # a dry run shows the config and warns
     assert result.exit_code == 0 and "Warning:" in result.output and "GiB" in result.output
 
 
 def test_unwritable_out_and_probe_json(done_run, tmp_path):
-    fails_with(run("pretrain", "--out", "/proc/d2v-run", *tiny_cli_args()), "not writable")
+    # a permission refusal is the system's (exit 1, as the README says), not a usage error
+    fails_with(run("pretrain", "--out", "/proc/d2v-run", *tiny_cli_args()), "not writable", code=1)
     (tmp_path / "f").write_text("")
     fails_with(run("pretrain", "--out", tmp_path / "f", *tiny_cli_args()), "is a file")
     fails_with(run("probe", done_run, "--json", "/proc/none/probe.json"), "does not exist")
@@ -433,3 +434,134 @@ def test_user_errors_all_subclass_user_error():
     from d2v.train import DivergedError
 
     assert issubclass(DivergedError, UserError) and DivergedError.exit_code == 3
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["probe", "ENC", "--max-train", "-1000"], "--max-train"),  # negative slicing trained on 258 items
+    (["probe", "ENC", "--seed", "-1"], "--seed"),
+    (["finetune", "ENC", "--steps", "-1"], "--steps"),
+    (["finetune", "ENC", "--batch-size", "0"], "--batch-size"),
+    (["finetune", "ENC", "--seed", "-3"], "--seed"),
+    (["finetune", "ENC", "--epochs", "1e300"], "--epochs"),
+    (["pretrain", "--dry-run", "--steps", "0"], "--steps"),
+    (["pretrain", "--dry-run", "--grad-accum", "0"], "--grad-accum"),
+    (["pretrain", "--dry-run", "--num-workers", "-2"], "--num-workers"),
+    (["pretrain", "--dry-run", "--eval-every", "-1"], "--eval-every"),
+    (["pretrain", "--dry-run", "--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["pretrain", "--dry-run", "--nproc-per-node", "0"], "--nproc-per-node"),
+])
+def test_every_count_flag_is_range_checked_in_one_sentence(tmp_path, args, flag):
+    """Issue 25, item 7: a count out of range is one `Error:` line naming the flag (exit 2), before any work."""
+    args = [str(tmp_path / "enc") if a == "ENC" else a for a in args]
+    result = run(*args, *(["--out", tmp_path / "out"] if args[0] == "finetune" else []))
+    fails_with(result, flag)
+    assert result.output.count("Error:") == 1 and "Usage:" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_workers_minus_one_is_automatic_as_the_config_says():
+    assert run("pretrain", "--dry-run", "--num-workers", "-1").exit_code == 0
+
+
+@pytest.mark.parametrize("modality, option, owner", [
+    ("speech", ["--image-size", "32"], "vision"),  # was "unknown config field 'model.image_size'"
+    ("speech", ["--vocab-size", "5000"], "text"),  # was accepted silently
+    ("vision", ["--vocab-size", "5000"], "text"),
+    ("vision", ["--doc-per-line"], "text"),
+    ("speech", ["--tokenizer", "tok.json"], "text"),
+    ("text", ["--image-size", "32"], "vision"),
+    ("vision", ["--set", "data.crop_seconds=3"], "speech"),
+    ("text", ["--set", "model.conv_dim=[16]"], "speech"),
+    ("speech", ["--set", "model.patch_size=4"], "vision"),
+])
+def test_a_flag_of_another_modality_is_one_error_naming_both(modality, option, owner):
+    """Issue 25, item 11."""
+    result = run("pretrain", "--modality", modality, *option, "--dry-run")
+    fails_with(result, f"applies to {owner} only; this run pretrains {modality}")
+    assert result.output.count("Error:") == 1
+
+
+def _image_classes(root, bad: dict[str, bytes]):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40 + 170 * (i % 2), np.uint8) + rng.integers(0, 20, (8, 8), dtype=np.uint8)
+                        ).save(d / f"img{i:03d}.png")
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("command", ["probe", "finetune"])
+def test_probe_and_finetune_skip_bad_files_as_pretrain_does(done_run, tmp_path, command):
+    """Issue 25, items 5 and 13: the error suggests --skip-bad-files, and the command has it; the files left out
+    are named (finetune: all of them in RUN/skipped_files.tsv, path and reason)."""
+    bad = {"c0/zz_broken.png": b"\x89PNG\r\n\x1a\n garbage", "c1/zz_empty.png": b""}
+    folder = _image_classes(tmp_path / "imgs", bad)
+    extra = ["--out", tmp_path / "ft", "--steps", "2", "--head-epochs", "1", "--batch-size", "8"] \
+        if command == "finetune" else []
+    result = run(command, done_run, "--data", folder, *extra)
+    fails_with(result, "--skip-bad-files")
+    assert "broken.png" in result.output or "empty.png" in result.output
+    if command == "finetune":
+        import shutil
+
+        shutil.rmtree(tmp_path / "ft", ignore_errors=True)
+    result = run(command, done_run, "--data", folder, *extra, "--skip-bad-files")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Skipped files: 2 (" in text and "zz_broken.png" in text and "zz_empty.png" in text
+    if command == "finetune":
+        rows = (tmp_path / "ft" / "skipped_files.tsv").read_text().splitlines()
+        assert rows[0] == "path\treason" and len(rows) == 3
+        assert {r.split("\t")[0].rsplit("/", 2)[-2] + "/" + r.split("\t")[0].rsplit("/", 1)[-1] for r in rows[1:]} \
+            == set(bad) and all(r.split("\t")[1] for r in rows[1:])
+
+
+def test_every_skip_bad_files_suggestion_names_a_flag_of_that_command():
+    """Issue 25, item 5: each command that loads a user's files and can say "pass --skip-bad-files" has the flag."""
+    for command in ("pretrain", "probe", "finetune"):
+        assert "--skip-bad-files" in runner.invoke(app, [command, "--help"], terminal_width=200).output
+
+
+def test_pretrain_names_its_skipped_files_in_the_summary_and_the_run_directory(tmp_path):
+    """Issue 25, item 13: skipped files are listed (path, reason) in RUN/skipped_files.tsv and the first few are
+    named in the summary; a run without skipped files writes no list."""
+    bad = {f"c{i % 2}/img{i:03d}.png": b"\x89PNG\r\n\x1a\n garbage" for i in (3, 8, 13, 18, 21)}
+    folder = _image_classes(tmp_path / "imgs", bad)
+    result = run("pretrain", "--data", folder, "--image-size", "8", *tiny_cli_args(), "--out", tmp_path / "r",
+                 "--skip-bad-files", "--steps", "4", "--num-workers", "1")
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "r" / "skipped_files.tsv").read_text().splitlines()
+    assert rows[0] == "path\treason"
+    paths = [r.split("\t")[0] for r in rows[1:]]
+    assert {p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in paths} == set(bad)
+    assert all("cannot" in r.split("\t")[1] for r in rows[1:])
+    text = "".join(result.output.replace("│", " ").split())  # the summary table folds long cells
+    assert "5(" in text and "and2more" in text and "skipped_files.tsv" in text
+    assert sum(p.replace(" ", "") in text for p in paths) == 3
+    assert not list((tmp_path / "r").glob("*.tmp*"))
+    clean = run("pretrain", "--data", _image_classes(tmp_path / "ok", {}), "--image-size", "8", *tiny_cli_args(),
+                "--out", tmp_path / "r2", "--steps", "2")
+    assert clean.exit_code == 0 and not (tmp_path / "r2" / "skipped_files.tsv").exists()
+
+
+def test_collapse_warning_is_said_once_and_not_also_a_python_warning():
+    """Issue 25, item 14: the collapse warning was printed twice, once as a UserWarning with file and line."""
+    import warnings
+
+    from d2v.train import Health
+
+    cfg = tiny_config()
+    said = []
+    health = Health(cfg, model=None, say=said.append, main=True)
+    record = {"step": cfg.run.steps, "loss": 0.5, "target_std": 0.01, "pred_std": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        health.check(record)
+        health.check({**record, "step": record["step"] + 1})
+    assert not caught, [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith("Warning: representation collapse suspected")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from d2v.errors import CheckpointError
+from d2v.core.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,7 +16,7 @@ def _save(model, path):
 
 
 def test_vision_model_from_transformers(tmp_path):
-    from d2v.export import load_encoder
+    from d2v.encoders.load import load_encoder
 
     cfg = transformers.Data2VecVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, image_size=8, patch_size=2,
@@ -36,7 +36,7 @@ def test_vision_model_from_transformers(tmp_path):
 
 
 def test_text_model_from_transformers_folds_token_types(tmp_path):
-    from d2v.export import load_encoder
+    from d2v.encoders.load import load_encoder
 
     cfg = transformers.Data2VecTextConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=64, max_position_embeddings=34, type_vocab_size=1,
@@ -56,7 +56,7 @@ def test_text_model_from_transformers_folds_token_types(tmp_path):
 
 
 def test_speech_model_from_transformers(tmp_path):
-    from d2v.export import load_encoder
+    from d2v.encoders.load import load_encoder
 
     cfg = transformers.Data2VecAudioConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -75,7 +75,7 @@ def test_speech_model_from_transformers(tmp_path):
 
 
 def test_layouts_d2v_does_not_have_are_refused(tmp_path):
-    from d2v.export import load_encoder
+    from d2v.encoders.load import load_encoder
 
     cfg = transformers.Data2VecVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=64, image_size=8, patch_size=2, num_channels=1,

@@ -66,7 +66,8 @@ def test_init_from_an_export_and_from_transformers(tmp_path):
     import d2v
     from d2v.objective import Data2Vec
     from d2v.models import build_encoder
-    from d2v.train import adopt_layout, init_from, pretrain
+    from d2v.encoders.init import adopt_layout, init_from
+    from d2v.train import pretrain
 
     pretrain(tiny_config(**{"run.steps": 3}), out=tmp_path / "run", progress=False)
     assert runner.invoke(app, ["export", "checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "enc")]).exit_code == 0
@@ -87,6 +88,54 @@ def test_init_from_an_export_and_from_transformers(tmp_path):
     assert result.exit_code == 2 and "is a vision encoder" in result.output, result.output
     result = runner.invoke(app, ["pretrain", "--dry-run", "--init-from", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "--init-from" in result.output, result.output
+    # an explicit option the encoder's layout would override is an error, never dropped (8 px digits encoder)
+    for option in (["--image-size", "28"], ["--set", "model.dim=64"], ["--set", "model.patch_size=4"]):
+        result = runner.invoke(app, ["pretrain", "--dry-run", "--init-from", str(tmp_path / "enc"), *option])
+        assert result.exit_code == 2 and "conflicts with --init-from" in result.output, result.output
+        assert result.output.count("Error:") == 1 and option[-1].split("=")[-1] in result.output
+    # colour images for a grayscale encoder: the channels are named, with how to convert (never "pixel_mean")
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "rgb" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(tmp_path / "rgb" / c / f"{i}.png")
+    for args in (["pretrain", "--dry-run", "--init-from", str(tmp_path / "enc"), "--data", str(tmp_path / "rgb"),
+                  "--set", "targets.top_k=2"], ["probe", str(tmp_path / "enc"), "--data", str(tmp_path / "rgb")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "pixel_mean" not in result.output, result.output
+        assert "1-channel (grayscale)" in result.output and "3-channel (colour)" in result.output, result.output
+        assert "convert('L')" in result.output
+    for option in (["--image-size", "8"], ["--set", "model.drop_path=0.1"]):  # agree, or training-only
+        result = runner.invoke(app, ["pretrain", "--dry-run", "--init-from", str(tmp_path / "enc"), *option,
+                                     "--set", "targets.top_k=2"])
+        assert result.exit_code == 0, result.output
+
+
+def test_explicit_eval_every_is_honoured_and_the_default_says_when_its_budget_skips(tmp_path, monkeypatch):
+    """--eval-every N evaluates every N steps whatever the evaluations cost; the default (about ten per run) keeps
+    to the monitor's time budget and says so the first time it skips one."""
+    from d2v.monitor import KnnMonitor
+    from d2v.train import pretrain
+
+    monkeypatch.setattr(KnnMonitor, "BUDGET", 0.0)  # every evaluation after the first is over budget
+
+    def knn_steps(run_dir):
+        return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "knn_teacher" in r]
+
+    pretrain(tiny_config(**{"run.steps": 6, "run.eval_every": 2, "run.eval_data": "digits"}), out=tmp_path / "a",
+             progress=False)
+    assert knn_steps(tmp_path / "a") == [2, 4, 6]
+    from rich.console import Console
+
+    console = Console(file=open(tmp_path / "out.txt", "w"), width=200)
+    pretrain(tiny_config(**{"run.steps": 30, "run.eval_data": "digits", "run.log_every": 10}), out=tmp_path / "b",
+             console=console, progress=True)
+    console.file.close()
+    text = (tmp_path / "out.txt").read_text()
+    assert knn_steps(tmp_path / "b") == [3, 30]  # the first (within any budget) and the last
+    assert text.count("k-NN evaluation at step 6 skipped") == 1 and "--eval-every" in text, text
 
 
 def test_monitor_keeps_within_its_share_of_training_time():

@@ -503,3 +503,28 @@ def test_auto_prefers_the_extension_on_cuda_then_triton(monkeypatch):
                                     ({"torch", "triton"}, "cpu", "torch")]:
         monkeypatch.setattr(backends, "status", lambda name, dev, a=available: (name in a, "faked"))
         assert backends.resolve("auto", device) == want, (available, device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_loss_backward_twice_and_scaled_on_the_cpu(backend):
+    """Issue 25, item 4: the CPU backward hands autograd its saved gradient when the incoming one is exactly 1;
+    a kept graph (retain_graph) gives the same gradient again, and a scaled loss still scales it."""
+    if not ops.backends.status(backend, "cpu")[0]:
+        pytest.skip(f"backend {backend}: {ops.backends.status(backend, 'cpu')[1]}")
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(4, 9, 16, generator=g, requires_grad=True)
+    target, mask = torch.randn(4, 9, 16, generator=g), torch.rand(4, 9, generator=g) < 0.6
+    loss = ops.masked_regression_loss(pred, target, mask, beta=0.5, backend=backend)
+    loss.backward(retain_graph=True)
+    first = pred.grad.clone()
+    pred.grad = None
+    loss.backward(retain_graph=True)
+    assert torch.equal(pred.grad, first)
+    loss.backward()  # accumulates: twice the gradient, the saved one unchanged by the first backward
+    assert torch.allclose(pred.grad, 2 * first)
+    pred.grad = None
+    (3 * ops.masked_regression_loss(pred, target, mask, beta=0.5, backend=backend)).backward()
+    assert torch.allclose(pred.grad, 3 * first)
+    p64 = pred.detach().double().requires_grad_()
+    reference.masked_regression_loss_reference(p64, target.double(), mask, beta=0.5).backward()
+    assert torch.allclose(first.double(), p64.grad, atol=1e-6)

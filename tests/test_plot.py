@@ -32,6 +32,24 @@ def test_plot_writes_a_png_with_every_panel(tmp_path):
     assert result.exit_code == 0 and (tmp_path / "x.png").exists()
 
 
+def test_plot_of_a_finetuning_run_draws_only_what_it_logged(tmp_path):
+    """A fine-tuning run logs loss, lr and accuracies, no EMA tau or std: three panels, no empty ones, no
+    matplotlib warning (an empty legend warns 'No artists with labels')."""
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    records = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 30)]
+    records[-1].update(test_accuracy=0.9, train_accuracy=0.95)
+    run = _run_dir(tmp_path, [json.dumps(r) + "\n" for r in records])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(run / "metrics.png").size[1] == round(2.1 * 3 * 110)  # loss, learning rate, accuracy
+
+
 def test_plot_errors_are_one_sentence(tmp_path, monkeypatch):
     result = runner.invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "no metrics.jsonl" in result.output

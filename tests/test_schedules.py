@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from d2v.config import EMAConfig, OptimConfig
+from d2v.core.config import EMAConfig, OptimConfig
 from d2v.objective import ema_decay
-from d2v.train import lr_at
+from d2v.runtime.schedule import lr_at
 
 
 def test_ema_linear_then_held():

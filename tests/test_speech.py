@@ -8,14 +8,16 @@ import torch
 from typer.testing import CliRunner
 
 from d2v.cli import app
-from d2v.config import set_by_path
-from d2v.data import speech as speech_data
-from d2v.data.speech import load_audio, read_audio, resample
-from d2v.errors import DataError
+from d2v.core.config import set_by_path
+from d2v.data import recordings
+from d2v.data.recordings import load_audio
+from d2v.data.audio import read_audio, resample
+from d2v.core.errors import DataError
 from d2v.masking import span_masks
 from d2v.models.speech import SpeechEncoder, conv_output_lengths, frame_padding_mask
-from d2v.objective import Batch, Data2Vec
-from d2v.presets import preset_config
+from d2v.core.batch import Batch
+from d2v.objective import Data2Vec
+from d2v.core.presets import preset_config
 
 SR = 16000
 TINY = {
@@ -189,11 +191,11 @@ def test_folder_loading_labels_and_holdout(audio_dir):
     assert len(ds) == 13 and ds.classes == ["c0", "c1"] and ds.skipped == 0
     stereo = read_audio(audio_dir / "c0" / "stereo8k.wav")
     assert stereo.ndim == 1 and stereo.size == 9600  # 0.6 s at 16 kHz
-    test = speech_data.labelled_split(ds, "test", ["v0_*"])
-    train = speech_data.labelled_split(ds, "train", ["v0_*"])
+    test = recordings.labelled_split(ds, "test", ["v0_*"])
+    train = recordings.labelled_split(ds, "train", ["v0_*"])
     assert all(p.name.startswith("v0_") for p in test.files) and len(test) + len(train) == 13
     with pytest.raises(DataError, match="matches no file"):
-        speech_data.labelled_split(ds, "test", ["nobody_*"])
+        recordings.labelled_split(ds, "test", ["nobody_*"])
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "empty", "silent"])
@@ -223,7 +225,7 @@ def test_bad_files_are_named_or_skipped(tmp_path, kind):
 
 
 def test_missing_debian_package_and_builtin_default(monkeypatch, tmp_path):
-    monkeypatch.setattr(speech_data, "ASTERISK_DIRS", [tmp_path / "nowhere"])
+    monkeypatch.setattr(recordings, "ASTERISK_DIRS", [tmp_path / "nowhere"])
     with pytest.raises(DataError, match="asterisk-core-sounds-en-wav"):
         load_audio("asterisk")
     ds = load_audio("default")
@@ -232,7 +234,7 @@ def test_missing_debian_package_and_builtin_default(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_pretrain_loss_falls_resume_and_export(audio_dir, tmp_path):
-    from d2v.export import load_encoder
+    from d2v.encoders.load import load_encoder
     from d2v.train import pretrain
 
     # The loss-fall check is about the loop, not the preset: a linear head, unclipped, falls fast on 30 updates.
@@ -246,7 +248,7 @@ def test_pretrain_loss_falls_resume_and_export(audio_dir, tmp_path):
     # resume from step 15 gives the same final weights as the uninterrupted run
     import shutil
 
-    from d2v import checkpoint as ckpt
+    from d2v.runtime import checkpoint as ckpt
 
     shutil.copytree(tmp_path / "run", tmp_path / "half")
     shutil.rmtree(tmp_path / "half" / "checkpoints" / "step_00000030")
@@ -293,28 +295,3 @@ def test_cli_speech_errors(tmp_path):
     assert res.exit_code == 2 and "neither a built-in" in res.output
 
 
-@pytest.mark.parametrize("p", [0.1, 0.37, 0.9])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dropout_keeps_each_element_with_1_minus_p_and_scales_it(p, dtype):
-    from d2v.models.common import Dropout, dropout
-
-    x = (torch.rand(301, 1031) + 0.5).to(dtype).requires_grad_()  # no zeros: a zero output means dropped
-    seed = int(torch.randint(0, 2**31, ()))
-    torch.manual_seed(seed)
-    y = dropout(x, p)
-    kept = y != 0
-    n = kept.numel()
-    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 sigma
-    assert y.dtype == dtype
-    assert torch.equal(y[kept], (x.detach() * (1.0 / (1 - p)))[kept])  # scaled as F.dropout's x * (1 / (1 - p))
-    (y.float() * 3).sum().backward()
-    assert torch.equal(x.grad, torch.where(kept, 3 * torch.tensor(1.0 / (1 - p), dtype=dtype), 0).to(dtype))
-    # the mask is independent of position: rows and columns drop alike, neighbours are uncorrelated
-    rows, cols = kept.float().mean(1), kept.float().mean(0)
-    assert rows.std() < 3 * (p * (1 - p) / kept.shape[1]) ** 0.5 and cols.std() < 3 * (p * (1 - p) / kept.shape[0]) ** 0.5
-    a, b = kept[:, :-1].float().flatten(), kept[:, 1:].float().flatten()
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
-    torch.manual_seed(seed)
-    assert torch.equal(dropout(x, p), y)  # torch's generator: reproducible, and resumed runs draw alike
-    layer = Dropout(p).eval()
-    assert layer(x) is x and dropout(x, 0.0) is x and dropout(x, p, training=False) is x

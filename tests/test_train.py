@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from d2v import checkpoint as ckpt
+from d2v.runtime import checkpoint as ckpt
 from d2v.objective import Data2Vec
 from d2v.train import pretrain
 
@@ -127,7 +127,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
         (loss / 2).backward()
     g_acc = [p.grad.clone() for p in model.student.parameters()]
     model.zero_grad()
-    from d2v.objective import Batch
+    from d2v.core.batch import Batch
 
     big = Batch(torch.cat([b0.inputs, b1.inputs]), torch.cat([b0.mask, b1.mask]))
     model(big)[0].backward()  # equal masked counts per image, so the mean over rows matches
@@ -139,7 +139,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
 
 
 def test_shared_parameters_are_copied_not_averaged():
-    from d2v.config import EMAConfig, TargetConfig
+    from d2v.core.config import EMAConfig, TargetConfig
     from d2v.models import build_encoder
 
     cfg = tiny_config()

@@ -9,12 +9,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from d2v.cli import app
-from d2v.config import DecoderConfig, set_by_path
+from d2v.core.config import DecoderConfig, set_by_path
 from d2v.data.pipeline import build_pipeline
 from d2v.masking import block_mask_1d, inverse_block_masks, kept_positions, random_mask
 from d2v.models.decoder import ConvDecoder
-from d2v.objective import Batch, build_objective
-from d2v.presets import preset_config
+from d2v.core.batch import Batch
+from d2v.objective import build_objective
+from d2v.core.presets import preset_config
 from d2v.train import pretrain
 from test_speech import audio_dir  # noqa: F401  (fixture)
 from test_train import _interrupt_at
@@ -142,6 +143,37 @@ def test_one_teacher_pass_serves_every_clone():
         assert calls == [4], f"teacher called on {calls} samples with {clones} clones"
         assert batch.mask.shape[0] == 4 * clones and torch.isfinite(loss)
         loss.backward()
+
+
+def test_text_teacher_blocks_take_the_students_embedding_output_after_its_dropout():
+    """The reference (ema_encoder_only) feeds its teacher's blocks the student's local features: token + position
+    embedding, LayerNorm and the student's dropout, the same dropped-out values its clones were built from. With
+    ema.shared off the teacher embeds the ids itself (its own averaged embeddings, no dropout)."""
+    cfg = v2_config("text", **{"model.dropout": 0.5})
+    pipe = build_pipeline(cfg)
+    batch = pipe.micro_batch(0, 4)
+    for shared in (True, False):
+        cfg.ema.shared = ["embeddings."] if shared else []
+        torch.manual_seed(0)
+        model = build_objective(cfg).train()
+        seen = {}
+
+        def keep(name, index=None):  # a hook that records the first call's tensor and changes nothing
+            def hook(module, args, out=None):
+                seen.setdefault(name, args[0] if index == 0 else out)
+            return hook
+
+        model.student.embeddings.register_forward_hook(keep("student"))
+        model.teacher.embeddings.register_forward_hook(keep("teacher"))
+        model.teacher.blocks[0].register_forward_pre_hook(keep("blocks", 0))
+        torch.manual_seed(1)
+        model(batch)
+        dropped = (seen["student"] == 0).float().mean().item()
+        assert 0.4 < dropped < 0.6  # the student's embedding dropout ran
+        if shared:
+            assert "teacher" not in seen and torch.equal(seen["blocks"], seen["student"])
+        else:
+            assert torch.equal(seen["blocks"], seen["teacher"]) and (seen["teacher"] == 0).float().mean() < 0.01
 
 
 def test_clones_equal_the_batch_repeated():
@@ -348,7 +380,8 @@ def test_v2_text_export_maps_onto_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = v2_config("text", **{"run.steps": 2})
     pretrain(cfg, out=tmp_path / "run", progress=False)
-    from d2v.export import export_checkpoint, load_encoder
+    from d2v.export import export_checkpoint
+    from d2v.encoders.load import load_encoder
 
     paths = export_checkpoint(tmp_path / "run", tmp_path / "enc")
     assert "hf" in paths
@@ -362,7 +395,7 @@ def test_v2_text_export_maps_onto_transformers(tmp_path):
 
 
 def test_v2_config_errors_are_one_sentence():
-    from d2v.errors import ConfigError
+    from d2v.core.errors import ConfigError
     from d2v.validation import validate_config
 
     cfg = preset_config("vision", "tiny")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from d2v.config import VisionModelConfig
+from d2v.core.config import VisionModelConfig
 from d2v.models.vision import VisionEncoder, auto_patch_size
 
 
@@ -67,7 +67,7 @@ def test_rejects_wrong_image_shape():
 
 def test_matches_huggingface_data2vec_vision():
     transformers = pytest.importorskip("transformers")
-    from d2v.hf_export import convert
+    from d2v.encoders.hf_export import convert
 
     cfg = small_cfg(image_size=12, patch_size=3, in_chans=3, pixel_mean=[0.4, 0.5, 0.6], pixel_std=[0.2, 0.3, 0.25])
     enc = VisionEncoder(cfg).eval()

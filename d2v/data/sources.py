@@ -1,12 +1,20 @@
-"""Where samples come from, listed without reading them: a folder, WebDataset-style tar shards, or a TSV manifest.
+"""Where samples come from, listed without reading them: a folder, WebDataset-style tar shards (on disk or on a
+server: d2v.data.remote), or a TSV manifest; and a mixture of several such sources.
 
 A `SampleList` names every sample of a source in a fixed order (sorted paths in a folder; shard then member order
 in tar shards; line order in a TSV) and knows how to read one sample's bytes, so decoding can happen later, in
 DataLoader workers. Names live in one bytes blob with offsets (not a list of str objects): a million samples cost a
 few tens of MB and forked workers share them without copying.
 
+Shards on a server are listed by reading each once, start to end, without writing it anywhere (the tar headers give
+each member's offset and size; a `probe` may look at each member's bytes as they pass, e.g. for an audio length);
+samples are then read by offset, one Range request each, the members of a micro-batch fetched concurrently
+(`prefetch`). So a remote shard set has the same samples in the same order as the same shards on disk, and a run
+reads the same bytes wherever its shards are.
+
 A run keeps its list as `data_manifest.tsv` in the run directory; a resumed run reads it back (and checks it) instead
-of listing the source again, so files added since do not shift the sample order.
+of listing the source again, so files added since do not shift the sample order (and remote shards are not read
+again to list them). A `MixedSamples` (several sources) keeps one manifest of all its parts.
 """
 from __future__ import annotations
 
@@ -15,15 +23,23 @@ import io
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from d2v.errors import DataError
+from d2v.core.errors import DataError
+from d2v.core.files import atomic_write_bytes
+from d2v.data import remote
 
 MANIFEST_NAME = "data_manifest.tsv"
 _MANIFEST_MAGIC = "# d2v data manifest v1"
+_MIXTURE_MAGIC = "# d2v data manifest mixture v1"
+LIST_THREADS = 8  # remote shards listed at once
+PROBE_BYTES = 64 << 20  # a remote member larger than this is not handed to a listing probe (memory stays bounded)
+PREFETCH_BYTES = 64 << 20  # bytes of remote members fetched ahead by sequential passes (opened)
 
 
 def expand(source: str) -> Path:
@@ -54,8 +70,10 @@ class SampleList:
     """Samples of a source: names (relative path or shard key with its member's extension) in a fixed order.
 
     kind 'folder': name is a path under root. kind 'tar': the bytes are member data in shards[shard[i]] at
-    offset[i], size[i] bytes. kind 'tsv': name is a path under root. frames[i], where known, is the length of an
-    audio sample at the model's sample rate (fairseq manifests count 16 kHz frames).
+    offset[i], size[i] bytes; shards are paths, or URLs (remote) with their listed sizes in shard_bytes and the
+    sha256 of their bytes in shard_sha256 (known when listed in this process). kind 'tsv': name is a path under
+    root. frames[i], where known, is the length of an audio sample at the model's sample rate (fairseq manifests
+    count 16 kHz frames).
     """
 
     kind: str
@@ -67,9 +85,57 @@ class SampleList:
     offset: np.ndarray | None = None  # int64 (N,)
     size: np.ndarray | None = None  # int64 (N,)
     frames: np.ndarray | None = None  # int64 (N,): audio length at the model's rate, or None
+    shard_bytes: np.ndarray | None = None  # int64 (shards,): remote shards' sizes as listed
+    shard_sha256: list[str] | None = None  # remote shards' digests, from the listing pass (not kept in manifests)
+    fetched: dict = field(default_factory=dict, repr=False, compare=False)  # prefetched member bytes, by index
 
     def __len__(self) -> int:
         return int(self.ends.size)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Samples per source: one source here (MixedSamples has several)."""
+        return [len(self)]
+
+    @property
+    def remote(self) -> bool:
+        """Whether the samples are members of shards on a server."""
+        return self.kind == "tar" and bool(self.shards) and remote.is_remote(self.shards[0])
+
+    def _request(self, i: int) -> tuple[str, int, int, int | None]:
+        s = int(self.shard[i])
+        total = None if self.shard_bytes is None else int(self.shard_bytes[s])
+        return self.shards[s], int(self.offset[i]), int(self.size[i]), total
+
+    def prefetch(self, indices) -> None:
+        """Fetch the bytes of these samples at once, concurrently (remote shards; elsewhere nothing to do), so
+        that open() finds them in memory. Holds one call's samples: the previous call's are dropped."""
+        if not self.remote:
+            return
+        wanted = sorted({int(i) for i in indices})
+        self.fetched = {}
+        self.fetched = dict(zip(wanted, remote.read_ranges([self._request(i) for i in wanted])))
+
+    def opened(self, indices):
+        """(index, what open() gives) for each index in order; remote members are fetched ahead concurrently, in
+        groups of at most PREFETCH_BYTES (or one member), so a pass over a remote source is not one round trip
+        per member."""
+        indices = [int(i) for i in indices]
+        if not self.remote:
+            for i in indices:
+                yield i, self.open(i)
+            return
+        start = 0
+        while start < len(indices):
+            stop, budget = start + 1, int(self.size[indices[start]])
+            while stop < len(indices) and budget + int(self.size[indices[stop]]) <= PREFETCH_BYTES:
+                budget += int(self.size[indices[stop]])
+                stop += 1
+            self.prefetch(indices[start:stop])
+            for i in indices[start:stop]:
+                yield i, self.open(i)
+            start = stop
+        self.fetched = {}
 
     def name(self, i: int) -> str:
         start = int(self.ends[i - 1]) if i > 0 else 0
@@ -92,6 +158,9 @@ class SampleList:
         """A path (files) or a seekable file object over the sample's bytes (shard members)."""
         if self.kind != "tar":
             return str(Path(self.root) / self.name(i))
+        if self.remote:
+            data = self.fetched.get(i)
+            return io.BytesIO(data if data is not None else remote.read_range(*self._request(i)))
         with open(self.shards[int(self.shard[i])], "rb") as f:
             f.seek(int(self.offset[i]))
             return io.BytesIO(f.read(int(self.size[i])))
@@ -110,6 +179,7 @@ class SampleList:
         out = from_names(self.kind, self.root, names)
         out.shards, out.shard, out.offset, out.size, out.frames = (self.shards, pick(self.shard), pick(self.offset),
                                                                     pick(self.size), pick(self.frames))
+        out.shard_bytes, out.shard_sha256 = self.shard_bytes, self.shard_sha256
         return out
 
     # ------------------------------------------------------------------------------------------ manifest
@@ -124,7 +194,8 @@ class SampleList:
                 cols.append(str(int(self.frames[i])))
             rows.append("\t".join(cols))
         body = "".join(r + "\n" for r in rows)
-        shards = "".join(f"# shard\t{s}\n" for s in (self.shards or []))
+        sizes = [""] * len(self.shards or []) if self.shard_bytes is None else [f"\t{n}" for n in self.shard_bytes]
+        shards = "".join(f"# shard\t{s}{n}\n" for s, n in zip(self.shards or [], sizes))
         digest = hashlib.sha256((shards + body).encode()).hexdigest()
         header = f"{_MANIFEST_MAGIC}\t{self.kind}\t{self.root}\t{len(self)}\t{digest}\n"
         return (header + shards + body).encode()
@@ -137,32 +208,31 @@ def from_names(kind: str, root: str, names: list[str]) -> SampleList:
     return SampleList(kind, root, blob, ends)
 
 
-def read_manifest(path: Path, source: str) -> SampleList:
-    """The sample list a run saved; DataError if it is damaged or was made from another source."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the run's data manifest {path}: {exc}") from None
-    lines = text.split("\n")
+def _same_source(source: str, root: str) -> bool:
+    return source == root or (not remote.is_remote(source) and str(expand(source)) == root)
+
+
+def _parse_manifest(lines: list[str], path: Path) -> tuple[SampleList, int]:
+    """The sample list whose header is lines[0], checked against its digest, and the number of lines it spans."""
     head = lines[0].split("\t")
     if len(head) != 5 or head[0] != _MANIFEST_MAGIC:
         raise DataError(f"{path} is not a d2v data manifest; delete it to list the data again")
     kind, root, count, digest = head[1], head[2], int(head[3]), head[4]
-    rest = "\n".join(lines[1:])
-    if hashlib.sha256(rest.encode()).hexdigest() != digest:
+    shard_lines = 0
+    while 1 + shard_lines < len(lines) and lines[1 + shard_lines].startswith("# shard\t"):
+        shard_lines += 1
+    span = 1 + shard_lines + count
+    if hashlib.sha256("".join(ln + "\n" for ln in lines[1:span]).encode()).hexdigest() != digest:
         raise DataError(f"the run's data manifest {path} is damaged (checksum mismatch); delete it to list the "
                         f"data again (the sample order then follows the data as it is now)")
-    if str(expand(source)) != root and source != root:
-        raise DataError(f"the run's data manifest lists {root}, but the data is now {source}; resume with the "
-                        f"same --data")
-    shards = [ln.split("\t", 1)[1] for ln in lines[1:] if ln.startswith("# shard\t")]
-    rows = [ln.split("\t") for ln in lines[1 + len(shards):] if ln]
-    if len(rows) != count:
-        raise DataError(f"the run's data manifest {path} lists {len(rows)} samples but says {count}")
+    shards = [ln.split("\t")[1:] for ln in lines[1: 1 + shard_lines]]
+    rows = [ln.split("\t") for ln in lines[1 + shard_lines: span]]
     out = from_names(kind, root, [r[0] for r in rows])
     col = 1
     if kind == "tar":
-        out.shards = shards
+        out.shards = [s[0] for s in shards]
+        if shards and len(shards[0]) > 1:  # remote shards: their sizes as listed
+            out.shard_bytes = np.array([int(s[1]) for s in shards], dtype=np.int64)
         out.shard = np.array([int(r[1]) for r in rows], dtype=np.int32)
         out.offset = np.array([int(r[2]) for r in rows], dtype=np.int64)
         out.size = np.array([int(r[3]) for r in rows], dtype=np.int64)
@@ -172,9 +242,120 @@ def read_manifest(path: Path, source: str) -> SampleList:
     if kind != "tar" and not Path(root).is_dir():
         raise DataError(f"the data folder {root} of this run no longer exists")
     for s in out.shards or []:
-        if not Path(s).is_file():
+        if not remote.is_remote(s) and not Path(s).is_file():
             raise DataError(f"shard {s} of this run no longer exists")
-    return out
+    return out, span
+
+
+def read_manifest(path: Path, source: str | list[str]):
+    """The sample list a run saved (a MixedSamples when `source` is a mixture's list of sources); DataError if it
+    is damaged or was made from other sources."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the run's data manifest {path}: {exc}") from None
+    try:
+        if lines[0].startswith(_MIXTURE_MAGIC + "\t"):
+            named = lines[0].split("\t")[2:]  # the sources as the run named them
+            parts, at = [], 1
+            for _ in range(int(lines[0].split("\t")[1])):
+                part, span = _parse_manifest(lines[at:], path)
+                parts.append(part)
+                at += span
+            listed = MixedSamples(parts, named)
+        else:
+            listed = _parse_manifest(lines, path)[0]
+            named = [listed.root]
+    except (IndexError, ValueError):
+        raise DataError(f"the run's data manifest {path} is damaged (cut short or edited); delete it to list the "
+                        f"data again") from None
+    given = list(source) if isinstance(source, (list, tuple)) else [source]
+    if len(named) != len(given) or not all(_same_source(s, r) for s, r in zip(given, named)):
+        raise DataError(f"the run's data manifest lists {' + '.join(named)}, but the data is now "
+                        f"{' + '.join(map(str, given))}; resume with the same --data")
+    return listed
+
+
+class MixedSamples:
+    """Several sources' sample lists as one (a mixture's parts, in --data order): sample i is part p's sample
+    i - starts[p]. Reads the way a SampleList does, so a data set built on it needs no change."""
+
+    kind = "mixture"
+
+    def __init__(self, parts: list[SampleList], sources: list[str]):
+        self.parts, self.sources = list(parts), [str(s) for s in sources]
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.root = " + ".join(self.sources)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+    @property
+    def remote(self) -> bool:
+        return any(p.remote for p in self.parts)
+
+    def locate(self, i: int) -> tuple[SampleList, int]:
+        p = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+        return self.parts[p], int(i) - int(self.starts[p])
+
+    def name(self, i: int) -> str:
+        part, j = self.locate(i)
+        return part.name(j)
+
+    def names(self) -> list[str]:
+        return [n for p in self.parts for n in p.names()]
+
+    def where(self, i: int) -> str:
+        part, j = self.locate(i)
+        return part.where(j)
+
+    def path(self, i: int) -> Path | None:
+        part, j = self.locate(i)
+        return part.path(j)
+
+    def open(self, i: int):
+        part, j = self.locate(i)
+        return part.open(j)
+
+    def read_bytes(self, i: int) -> bytes:
+        part, j = self.locate(i)
+        return part.read_bytes(j)
+
+    def _by_part(self, indices) -> list[np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return [idx[(idx >= lo) & (idx < hi)] - lo for lo, hi in zip(self.starts[:-1], self.starts[1:])]
+
+    def prefetch(self, indices) -> None:
+        for part, local in zip(self.parts, self._by_part(indices)):
+            part.prefetch(local)
+
+    def subset(self, indices) -> "MixedSamples":
+        """The samples at `indices` (in increasing order, so each part keeps its place)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and np.any(np.diff(idx) < 0):
+            raise ValueError("MixedSamples.subset needs increasing indices")
+        return MixedSamples([p.subset(local) for p, local in zip(self.parts, self._by_part(idx))], self.sources)
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        if all(p.frames is None for p in self.parts):
+            return None
+        return np.concatenate([p.frames if p.frames is not None else np.full(len(p), -1, np.int64)
+                               for p in self.parts])
+
+    @frames.setter
+    def frames(self, value) -> None:
+        for p, lo, hi in zip(self.parts, self.starts[:-1], self.starts[1:]):
+            p.frames = None if value is None else np.asarray(value[lo:hi], dtype=np.int64)
+
+    def to_manifest(self) -> bytes:
+        """Every part's manifest after one line naming how many there are and the sources they were listed from."""
+        head = "\t".join([_MIXTURE_MAGIC, str(len(self.parts)), *self.sources])
+        return f"{head}\n".encode() + b"".join(p.to_manifest() for p in self.parts)
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -191,9 +372,16 @@ def list_folder(root: Path, suffixes: set[str]) -> SampleList:
     return from_names("folder", str(root), names)
 
 
-def shard_paths(source: str) -> list[Path] | None:
-    """The tar shards a source names (a .tar file, a brace range, or a folder holding only .tar files), else None."""
+def shard_paths(source: str) -> list | None:
+    """The tar shards a source names (a .tar file, a brace range, or a folder holding only .tar files), else None:
+    paths, or URLs for shards on a server (a .tar URL or a brace range of them; a server lists no folders)."""
     s = str(source)
+    if remote.is_remote(s):
+        urls = _braces(s)
+        if not all(u.split("?", 1)[0].endswith(".tar") for u in urls):
+            raise DataError(f"{source} does not name .tar shards; name them with a range such as "
+                            f"https://host/shard-{{000..099}}.tar")
+        return urls
     if "{" in s and ".." in s:
         paths = [expand(p) for p in _braces(s)]
         missing = [p for p in paths if not p.is_file()]
@@ -211,30 +399,82 @@ def shard_paths(source: str) -> list[Path] | None:
     return None
 
 
-def list_shards(shards: list[Path], suffixes: set[str], source: str) -> SampleList:
-    """One sample per member whose extension is in `suffixes`, read from the tar headers only (members' data is
-    skipped over, not read). WebDataset convention: a sample's key is the member name up to its first dot."""
-    names, shard, offset, size = [], [], [], []
-    for s, path in enumerate(shards):
+def _wanted(name: str, suffixes: set[str]) -> bool:
+    """WebDataset convention: a sample's key is the member name up to its first dot, the rest its extension."""
+    base = name.rsplit("/", 1)[-1]
+    ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+    return ext in suffixes or os.path.splitext(base)[1].lower() in suffixes
+
+
+class _Hashed:
+    """A file object's bytes as tarfile reads them, hashed on the way."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _list_remote_shard(url: str, suffixes: set[str], probe) -> tuple[list, int, str]:
+    """(rows (name, data offset, size, probe's answer or -1), shard size, sha256) of one shard on a server, read
+    once from start to end; nothing is written to disk, and only a member handed to `probe` is held whole."""
+    rows = []
+    with remote.ShardStream(url) as stream:
+        hashed = _Hashed(stream)
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with tarfile.open(fileobj=hashed, mode="r|", bufsize=1 << 20) as tar:
                 for member in tar:
-                    if not member.isfile():
+                    tar.members.clear()  # a stream keeps no member it has passed: memory stays flat
+                    if not member.isfile() or not _wanted(member.name, suffixes):
                         continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
-                    if ext in suffixes or os.path.splitext(base)[1].lower() in suffixes:
-                        names.append(member.name)
-                        shard.append(s)
-                        offset.append(member.offset_data)
-                        size.append(member.size)
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"cannot read shard {path} ({exc}); shards must be uncompressed .tar files") from None
-    out = from_names("tar", str(source), names)
+                    info = -1
+                    if probe is not None and member.size <= PROBE_BYTES:
+                        info = probe(tar.extractfile(member).read())
+                    rows.append((member.name, member.offset_data, member.size, info))
+            hashed.drain()  # the archive's end blocks too: the digest is of the whole shard
+        except tarfile.TarError as exc:
+            raise DataError(f"cannot read shard {url} ({exc}); shards must be uncompressed .tar files") from None
+        return rows, stream.total if stream.total is not None else stream.pos, hashed.digest.hexdigest()
+
+
+def _list_local_shard(path, suffixes: set[str]) -> list:
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return [(m.name, m.offset_data, m.size, -1) for m in tar if m.isfile() and _wanted(m.name, suffixes)]
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read shard {path} ({exc}); shards must be uncompressed .tar files") from None
+
+
+def list_shards(shards: list, suffixes: set[str], source: str,
+                probe: Callable[[bytes], int] | None = None) -> SampleList:
+    """One sample per member whose extension is in `suffixes`. Shards on disk: read from the tar headers only
+    (members' data is skipped over). Shards on a server: each streamed once (LIST_THREADS at a time), and `probe`
+    (data -> a length, -1 if unknown; e.g. an audio header's) sees every listed member's bytes on the way, its
+    answers kept as frames."""
+    if shards and remote.is_remote(shards[0]):
+        with ThreadPoolExecutor(min(LIST_THREADS, len(shards))) as pool:
+            listed = list(pool.map(lambda url: _list_remote_shard(url, suffixes, probe), shards))
+        per_shard = [rows for rows, _, _ in listed]
+    else:
+        listed, per_shard = None, [_list_local_shard(path, suffixes) for path in shards]
+    rows = [(s, *row) for s, shard_rows in enumerate(per_shard) for row in shard_rows]
+    out = from_names("tar", str(source), [r[1] for r in rows])
     out.shards = [str(p) for p in shards]
-    out.shard = np.array(shard, dtype=np.int32)
-    out.offset = np.array(offset, dtype=np.int64)
-    out.size = np.array(size, dtype=np.int64)
+    out.shard = np.array([r[0] for r in rows], dtype=np.int32)
+    out.offset = np.array([r[2] for r in rows], dtype=np.int64)
+    out.size = np.array([r[3] for r in rows], dtype=np.int64)
+    if listed is not None:
+        out.shard_bytes = np.array([total for _, total, _ in listed], dtype=np.int64)
+        out.shard_sha256 = [digest for _, _, digest in listed]
+        if probe is not None:
+            out.frames = np.array([r[4] for r in rows], dtype=np.int64)
     return out
 
 
@@ -261,13 +501,15 @@ def list_tsv(path: Path) -> SampleList:
     return out
 
 
-def list_source(source: str, suffixes: set[str], what: str, run_dir: Path | None = None) -> SampleList:
-    """The samples of a path source: the run's saved manifest when resuming, else a fresh listing."""
+def list_source(source: str, suffixes: set[str], what: str, run_dir: Path | None = None,
+                probe: Callable[[bytes], int] | None = None) -> SampleList:
+    """The samples of a path or URL source: the run's saved manifest when resuming, else a fresh listing (probe:
+    see list_shards)."""
     if run_dir is not None and (Path(run_dir) / MANIFEST_NAME).exists():
         return read_manifest(Path(run_dir) / MANIFEST_NAME, source)
     shards = shard_paths(source)
     if shards is not None:
-        samples = list_shards(shards, suffixes, source)
+        samples = list_shards(shards, suffixes, source, probe)
         where = f"the shards of {source}"
     else:
         path = expand(source)
@@ -280,3 +522,33 @@ def list_source(source: str, suffixes: set[str], what: str, run_dir: Path | None
     if len(samples) == 0:
         raise DataError(f"no {what} ({', '.join(sorted(suffixes))}) found in {where}")
     return samples
+
+
+SKIPPED_FILES = "skipped_files.tsv"  # in a run directory: the files left out under --skip-bad-files
+SKIPPED_SHOWN = 3  # files a summary names; the rest are in SKIPPED_FILES
+
+
+def write_skipped_files(run_dir: Path, skipped: list[tuple[str, str]]) -> Path | None:
+    """RUN/skipped_files.tsv: a `path<TAB>reason` header, then one line per file left out (tabs and newlines in
+    either replaced by spaces), written atomically; None (and nothing written) when no file was left out."""
+    if not skipped:
+        return None
+    clean = (lambda text: " ".join(str(text).replace("\t", " ").splitlines()))
+    lines = ["path\treason"] + [f"{clean(path)}\t{clean(why)}" for path, why in skipped]
+    atomic_write_bytes(run_dir / SKIPPED_FILES, ("\n".join(lines) + "\n").encode())
+    return run_dir / SKIPPED_FILES
+
+
+def skipped_summary(skipped: list[tuple[str, str]], listed: Path | None) -> str:
+    """'5 (a.png, b.wav, c.txt and 2 more; all in RUN/skipped_files.tsv)', naming the first SKIPPED_SHOWN files."""
+    names = ", ".join(str(path) for path, _ in skipped[:SKIPPED_SHOWN])
+    more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"{len(skipped)} ({names}{more}" + (f"; all in {listed})" if listed else ")")
+
+
+def list_mixture(sources: list[str], list_one: Callable[[str], SampleList], run_dir: Path | None = None):
+    """The samples of a mixture's sources as one MixedSamples: the run's saved manifest when resuming, else each
+    source listed by list_one(source)."""
+    if run_dir is not None and (Path(run_dir) / MANIFEST_NAME).exists():
+        return read_manifest(Path(run_dir) / MANIFEST_NAME, list(sources))
+    return MixedSamples([list_one(s) for s in sources], sources)

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from d2v.errors import DataError
+from d2v.core.errors import DataError
+from d2v.data.audio import resample
+from d2v.data.sources import cache_dir
+from d2v.data.speech_default.make import synthesize
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc", "en-gb-x-gbcwmd"]
@@ -41,9 +44,6 @@ def generate(out: Path, voices=VOICES, variants=VARIANTS, speeds=SPEEDS) -> int:
     """Write out/<digit>/<voice><variant>_s<speed>_p<pitch>.flac for every combination; returns the file count."""
     import soundfile as sf
 
-    from d2v.data.speech import resample
-    from d2v.data.speech_default.make import synthesize
-
     rng = np.random.default_rng(0)
     count = 0
     for d, word in enumerate(DIGITS):
@@ -66,8 +66,6 @@ def _version_key(name: str) -> tuple:
 
 def spoken_digits_dir() -> Path:
     """The generated set's folder, made now if it is not in the cache yet (about a minute)."""
-    from d2v.data.sources import cache_dir
-
     if shutil.which("espeak-ng") is None:
         # Without espeak-ng (a GPU machine with a copied cache, say), a set generated earlier still serves; with
         # several, the newest espeak-ng's. Generating one needs espeak-ng, and espeak_version() says so.

@@ -1,4 +1,5 @@
-"""Pieces every encoder shares: what an encoder returns to the objective, stochastic depth, weight init."""
+"""Pieces every encoder shares: what an encoder returns to the objective, weight init, the block loop.
+(Dropout, drop-path and LayerDrop: d2v.models.stochastic.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from d2v.models.stochastic import bound
 
 
 @dataclass
@@ -15,8 +19,9 @@ class EncoderOutput:
     hidden: (B, P + T, D) final states, P prefix tokens (vision: 1 CLS) before T positions that masks index.
     layers: K candidate target sub-layer outputs (B, P + T, D) of the top K blocks, bottom to top.
     padding_mask: (B, T) bool, True at padded positions, or None.
-    features: the front end's output before masking (speech: projected conv features (B, T, D)), for a teacher
-    that shares the front end to reuse instead of recomputing it; None where the encoder offers none.
+    features: the front end's output before masking (speech: projected conv features (B, T, D); data2vec 2.0 text:
+    the embedding output after dropout), the input of a teacher that shares the front end (the reference's
+    `local_features`); None where the encoder offers none.
     """
 
     hidden: torch.Tensor
@@ -24,42 +29,6 @@ class EncoderOutput:
     num_prefix: int = 0
     padding_mask: torch.Tensor | None = None
     features: torch.Tensor | None = None
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples with probability p (training only)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout (zero each element with probability p, scale the rest by 1 / (1 - p)). On the CPU the keep mask
-    comes from 64-bit integer draws, 32 bits per element (p resolved to 2^-32): half as many draws as the float per
-    element that torch's bernoulli_ makes there, each cheaper; elsewhere F.dropout. Both use torch's default
-    generator."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or x.numel() == 0:
-        return F.dropout(x, p, training)
-    n = x.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64).view(torch.int32)[:n]
-    drop = (bits < round(p * 2**32) - 2**31).view(x.shape)  # uniform int32 below the p-quantile
-    return (x * (1.0 / (1.0 - p))).masked_fill_(drop, 0.0)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout through d2v.models.common.dropout (its faster CPU mask)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
 
 
 def normal_init_(tensor: torch.Tensor, std: float, trunc: float = 0.0) -> None:
@@ -133,17 +102,41 @@ def key_mask(keep_padding: torch.Tensor | None, prefix: int = 0) -> torch.Tensor
     return ~keep_padding[:, None, None, :]
 
 
+def checkpointed_blocks(setting: str, depth: int) -> int:
+    """How many of `depth` blocks run.activation_checkpointing recomputes: "off" 0, "all" depth, N min(N, depth)."""
+    if setting == "off":
+        return 0
+    return depth if setting == "all" else min(int(setting), depth)
+
+
+def set_activation_checkpointing(encoder: nn.Module, setting: str) -> int:
+    """Mark the first checkpointed_blocks(setting) blocks of `encoder` for recomputation in the backward (run_blocks
+    honours the mark only where gradients are recorded: never in a teacher's no-grad pass). Returns how many."""
+    count = checkpointed_blocks(setting, len(encoder.blocks))
+    for i, block in enumerate(encoder.blocks):
+        block.recompute = i < count
+    return count
+
+
 def run_blocks(blocks, x: torch.Tensor, attn, output_layers: str | None = None, top_k: int = 0,
-               skip=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               layerdrop=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """x through the blocks (each returns (output, FFN output)), with `attn` the attention mask / bias they take;
-    the candidate target sub-layers ("block" or "ffn") of the top `top_k` blocks, bottom to top. skip(i) -> True
-    leaves block i out (LayerDrop), asked in block order."""
+    the candidate target sub-layers ("block" or "ffn") of the top `top_k` blocks, bottom to top. layerdrop: a
+    d2v.models.stochastic.LayerDrop whose dropped rows keep their input through a block, or None.
+
+    A block marked by set_activation_checkpointing keeps only its inputs when gradients are recorded and runs again
+    in the backward, under the keys of the keyed pass it first ran in (stochastic.bound): its dropout, attention
+    dropout and drop-path draw the same masks again, so the gradients are those of the plain pass. (Outside a keyed
+    pass torch.utils.checkpoint replays torch's generator states.)"""
     first = len(blocks) - top_k
     layers = []
     for i, block in enumerate(blocks):
-        if skip is not None and skip(i):
-            continue
-        x, ffn = block(x, attn)
+        keep = None if layerdrop is None else layerdrop.keep(x.shape[0], i, x.device)
+        if getattr(block, "recompute", False) and torch.is_grad_enabled():
+            out, ffn = checkpoint(bound(block), x, attn, use_reentrant=False)
+        else:
+            out, ffn = block(x, attn)
+        x = out if keep is None else torch.where(keep.view((-1,) + (1,) * (x.dim() - 1)), out, x)
         if output_layers is not None and i >= first:
             layers.append(x if output_layers == "block" else ffn)
     return x, layers

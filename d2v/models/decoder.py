@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v.config import DecoderConfig
-from d2v.models.common import Dropout, conv1d_tc
+from d2v.core.config import DecoderConfig
+from d2v.models.common import conv1d_tc
+from d2v.models.stochastic import Dropout
 
 
 class _ConvLayer(nn.Module):

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v.config import SpeechModelConfig
-from d2v.models.common import Dropout, EncoderOutput, conv1d_tc, init_transformer_weights, run_blocks
+from d2v.core.config import SpeechModelConfig
+from d2v.models.common import EncoderOutput, conv1d_tc, gather_kept, init_transformer_weights, run_blocks
+from d2v.models.stochastic import Dropout, LayerDrop
 from d2v.models.transformer import PostLNBlock
 
 WAVE_EPS = 1e-7  # what transformers' Wav2Vec2FeatureExtractor adds to the variance (do_normalize)
@@ -141,6 +142,7 @@ class SpeechEncoder(nn.Module):
         self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.dropout = Dropout(cfg.dropout)
+        self.layerdrop = LayerDrop(cfg.layerdrop)
         self.blocks = nn.ModuleList(
             PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.ln_eps,
                         cfg.activation_dropout)
@@ -190,8 +192,8 @@ class SpeechEncoder(nn.Module):
             raise ValueError(f"expected waveforms (B, S), got {tuple(wave.shape)}")
         if wave.shape[1] < self.receptive_field:
             raise ValueError(f"waveforms need at least {self.receptive_field} samples, got {wave.shape[1]}")
-        if padding_mask is not None and not padding_mask.any():
-            padding_mask = None
+        if padding_mask is not None and not torch.compiler.is_exporting() and not padding_mask.any():
+            padding_mask = None  # no padding: the unmasked path (an exported graph keeps the masked one for all)
         if features is None:
             x = self.feature_extractor(normalize_waveform(wave, padding_mask).to(wave.dtype))  # (B, T, C)
             features = self.feature_projection(x)  # (B, T, D)
@@ -199,10 +201,9 @@ class SpeechEncoder(nn.Module):
         return features, pad, padding_mask
 
     def _blocks(self, x: torch.Tensor, bias, output_layers: str | None, top_k: int) -> tuple[torch.Tensor, list]:
-        # LayerDrop skips whole blocks of the student only; a pass that returns target layers never drops.
-        drops = self.training and output_layers is None and self.cfg.layerdrop > 0
-        skip = (lambda i: bool(torch.rand(()) < self.cfg.layerdrop)) if drops else None  # noqa: E731
-        return run_blocks(self.blocks, x, bias, output_layers, top_k, skip)
+        # LayerDrop on the student only (per sample, d2v.models.stochastic); a pass returning target layers never drops.
+        return run_blocks(self.blocks, x, bias, output_layers, top_k,
+                          self.layerdrop if output_layers is None else None)
 
     def encode_kept(self, wave: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
                     keep_padding: torch.Tensor | None = None, clones: int = 1,
@@ -210,8 +211,6 @@ class SpeechEncoder(nn.Module):
         """The data2vec 2.0 student: the conv front end runs once per waveform; each clone's masked frames (mask
         (B * clones, T)) are zeroed for the position convs, whose output is added; then only the kept frames keep
         (B * clones, Tk) are encoded -> hidden (B * clones, Tk, D). features: the front end's output (B, T, D)."""
-        from d2v.models.common import gather_kept
-
         features, pad, _ = self._front(wave, padding_mask, None)
         B2, T = mask.shape
         if B2 != features.shape[0] * clones or T != features.shape[1]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2v.config import TextModelConfig
-from d2v.models.common import Dropout, EncoderOutput, init_transformer_weights, run_blocks
+from d2v.core.config import TextModelConfig
+from d2v.core.tokenizer import tokenize
+from d2v.models.common import EncoderOutput, gather_kept, init_transformer_weights, key_mask, run_blocks
+from d2v.models.stochastic import Dropout
 from d2v.models.transformer import PostLNBlock
 
 
@@ -32,6 +34,7 @@ class TextEncoder(nn.Module):
     (set by load_encoder from the exported tokenizer.json)."""
 
     num_prefix = 0
+    front_end = ("embeddings.",)  # what produces EncoderOutput.features (encode_kept only)
 
     def __init__(self, cfg: TextModelConfig):
         super().__init__()
@@ -64,16 +67,19 @@ class TextEncoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         output_layers: str | None = None,
         top_k: int = 0,
+        features: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """ids (B, T) int64; mask (B, T) bool, True = replaced by <mask>; padding_mask (B, T) bool, True at padding
-        (None: attend everywhere). output_layers: None, "block" or "ffn"; top_k: how many top blocks to return."""
+        (None: attend everywhere). output_layers: None, "block" or "ffn"; top_k: how many top blocks to return.
+        features: the embedding output (B, T, D) of these ids from another encoder (a data2vec 2.0 student's, for the
+        teacher that shares its embeddings), used instead of embedding them here."""
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected token ids (B, T) int64, got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequences of {ids.shape[1]} tokens exceed the model's max length {self.cfg.max_length}")
         if mask is not None:
             ids = ids.masked_fill(mask, self.cfg.mask_id)
-        x = self.embeddings(ids)  # (B, T, D)
+        x = self.embeddings(ids) if features is None else features  # (B, T, D)
         keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
         x, layers = run_blocks(self.blocks, x, keep, output_layers, top_k)
         return EncoderOutput(hidden=x, layers=layers, num_prefix=0, padding_mask=padding_mask)
@@ -81,17 +87,18 @@ class TextEncoder(nn.Module):
     def encode_kept(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
                     keep_padding: torch.Tensor | None = None, clones: int = 1,
                     padding_mask: torch.Tensor | None = None) -> EncoderOutput:
-        """The data2vec 2.0 student: ids (B, T) embedded once (tokens + their positions), then only the kept positions
-        keep (B * clones, Tk) of each clone are encoded -> hidden (B * clones, Tk, D)."""
-        from d2v.models.common import gather_kept, key_mask
-
+        """The data2vec 2.0 student: ids (B, T) embedded once (tokens + their positions, LayerNorm, dropout), then only
+        the kept positions keep (B * clones, Tk) of each clone are encoded -> hidden (B * clones, Tk, D).
+        features: that embedding output (B, T, D), dropout included: the reference's teacher input (its
+        `local_features` under `ema_encoder_only`)."""
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected token ids (B, T) int64, got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequences of {ids.shape[1]} tokens exceed the model's max length {self.cfg.max_length}")
-        x = gather_kept(self.embeddings(ids), keep, clones)
+        embedded = self.embeddings(ids)
+        x = gather_kept(embedded, keep, clones)
         x, _ = run_blocks(self.blocks, x, key_mask(keep_padding))
-        return EncoderOutput(hidden=x, num_prefix=0)
+        return EncoderOutput(hidden=x, num_prefix=0, features=embedded)
 
     def _ids(self, x) -> torch.Tensor:
         """Token ids (B, T) on the encoder's device from strings (tokenized here) or an id tensor."""
@@ -100,8 +107,6 @@ class TextEncoder(nn.Module):
         if isinstance(x, (list, tuple)):
             if self.tokenizer is None:
                 raise ValueError("this encoder has no tokenizer; load it with d2v.load_encoder or pass token ids")
-            from d2v.data.text import tokenize
-
             x = tokenize(self.tokenizer, x, self.cfg.max_length)[0]
         return x.to(self.embeddings.tokens.weight.device)
 

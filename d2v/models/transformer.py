@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v.models.common import Dropout, DropPath
+from d2v.models.stochastic import Dropout, DropPath, attention
 
 
 class Attention(nn.Module):
+    random_site = 0  # its attention dropout's call site (d2v.models.stochastic)
+
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
         if dim % num_heads:
@@ -22,8 +24,7 @@ class Attention(nn.Module):
         broadcastable to (B, H, T, T) (ALiBi, with -inf at keys not to attend); or None."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        out = attention(q, k, v, keep, self.dropout, self.training, self.random_site)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -43,6 +44,6 @@ class PostLNBlock(nn.Module):
         self.drop_path = DropPath(drop_path)  # data2vec 2.0 images: stochastic depth on both residual branches
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm1(x + self.drop_path(self.dropout(self.attn(x, keep))))
+        x = self.norm1(x + self.drop_path(self.dropout(self.attn(x, keep)), salt=0))
         ffn = self.fc2(self.act_dropout(F.gelu(self.fc1(x))))  # the data2vec target: before dropout and residual
-        return self.norm2(x + self.drop_path(self.dropout(ffn))), ffn
+        return self.norm2(x + self.drop_path(self.dropout(ffn, salt=1), salt=1)), ffn

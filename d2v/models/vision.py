@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v.config import VisionModelConfig
-from d2v.models.common import DropPath, EncoderOutput, init_transformer_weights, normal_init_, run_blocks
+from d2v.core.config import VisionModelConfig
+from d2v.models.common import (
+    EncoderOutput,
+    gather_kept,
+    init_transformer_weights,
+    key_mask,
+    normal_init_,
+    run_blocks,
+)
+from d2v.models.stochastic import DropPath, attention
+from d2v.models.transformer import PostLNBlock
 
 INIT_STD = 0.02
 
@@ -54,6 +63,8 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
+    random_site = 0  # its attention dropout's call site (d2v.models.stochastic)
+
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
@@ -68,8 +79,7 @@ class Attention(nn.Module):
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, Dh) each
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, bias.unsqueeze(0).to(q.dtype), self.dropout, self.training, self.random_site)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -100,7 +110,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), bias))
         ffn = self.gamma_2 * self.mlp(self.norm2(x))
-        return x + self.drop_path(ffn), ffn
+        return x + self.drop_path(ffn, salt=1), ffn
 
 
 def as_unit_images(images: torch.Tensor) -> torch.Tensor:
@@ -225,8 +235,6 @@ class VisionEncoderV2(nn.Module):
 
     def __init__(self, cfg: VisionModelConfig):
         super().__init__()
-        from d2v.models.transformer import PostLNBlock
-
         _image_input(self, cfg)
         self.register_buffer("pos_embed", sincos_positions(self.grid, cfg.dim)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -281,8 +289,6 @@ class VisionEncoderV2(nn.Module):
                     padding_mask: torch.Tensor | None = None) -> EncoderOutput:
         """The data2vec 2.0 student: images (B, ...), keep (B * clones, Tk) kept patch positions of each clone ->
         hidden (B * clones, 1 + Tk, D), CLS first."""
-        from d2v.models.common import gather_kept, key_mask
-
         x = gather_kept(self._patches(images), keep, clones)
         return self._blocks(x, key_mask(keep_padding, prefix=1), None, 0)
 

@@ -19,7 +19,8 @@ class BackendUnavailable(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def _import(name: str) -> tuple[ModuleType | None, str]:
+def import_optional(name: str) -> tuple[ModuleType | None, str]:
+    """(the module, "") when `name` imports, else (None, one line saying why); cached."""
     try:
         return importlib.import_module(name), ""
     except Exception as exc:  # ImportError, or a broken build raising anything at import
@@ -40,21 +41,21 @@ def status(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "torch":
         return True, "pure PyTorch"
     if backend == "triton":
-        mod, why = _import("triton")
+        mod, why = import_optional("triton")
         if mod is None:
             return False, f"triton is not importable ({why}); pip install 'd2v[triton]'"
         if device_type == "cpu" and not triton_interpreting():
             return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if device_type != "cpu" and triton_interpreting():
             return False, "TRITON_INTERPRET=1 is set, so Triton cannot run on the GPU"
-        kern, why = _import("d2v.kernels")
+        kern, why = import_optional("d2v.kernels")
         if kern is None:
             return False, f"d2v.kernels failed to import ({why})"
         return True, f"triton {mod.__version__}" + (" (interpreter)" if triton_interpreting() else "")
     if backend in ("cpu", "cuda"):
         if backend != device_type:
             return False, f"the {backend!r} backend runs only {backend.upper()} tensors, got {device_type.upper()} tensors"
-        ext, why = _import("d2v.ops.extension")
+        ext, why = import_optional("d2v.ops.extension")
         if ext is None:
             return False, f"the compiled extension d2v._C is not available ({why})"
         return ext.status(backend)
@@ -93,7 +94,7 @@ def module(backend: str) -> ModuleType:
     """The module holding `backend`'s implementations of the three ops."""
     name = {"torch": "d2v.ops.torch_impl", "triton": "d2v.kernels", "cpu": "d2v.ops.extension",
             "cuda": "d2v.ops.extension"}[backend]
-    mod, why = _import(name)
+    mod, why = import_optional(name)
     if mod is None:
         raise BackendUnavailable(f"op backend {backend!r} is unavailable: {why}")
     return mod

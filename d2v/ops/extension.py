@@ -5,10 +5,12 @@ extension is missing; `status(backend)` says whether it can run and why not.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 try:
-    from d2v import _C
+    _C = importlib.import_module("d2v._C")  # the compiled module (setup.py), not a Python source of this tree
 except Exception as exc:  # not built (D2V_BUILD_EXT=0, no compiler, failed build) or built against another torch
     _C = None
     _why = f"{type(exc).__name__}: {exc}".splitlines()[0]

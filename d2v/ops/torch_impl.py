@@ -65,18 +65,21 @@ def ema_update_(teacher, student, decay):
 
 
 def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad, clones=1):
+    # aten's fused smooth_l1 / mse kernels, forward and backward: one pass each over (..., D), where the
+    # composition of elementwise ops it replaces made about ten and was 3-5x slower than eager indexing on the CPU
+    # (bench/RESULTS.md, issue 25 item 4). No row selection by index: that would synchronize a GPU with the host;
+    # unselected rows get weight 0, in the sum and through the backward's grad_output.
     shape = pred.shape
     if clones > 1:  # broadcast views (B, M, ..., D) - (B, 1, ..., D): target is read, never repeated
         B = target.shape[0]
         pred, target = pred.unflatten(0, (B, clones)), target.unsqueeze(1)
         mask = mask.unflatten(0, (B, clones)) if mask is not None else None
-    d = pred.float() - target.float()  # (..., D)
+    p = pred.float()
+    t = target.float().expand_as(p)  # a view: the fused kernels take strided inputs
     if beta == 0:
-        per_elem = d * d
+        per_elem = F.mse_loss(p, t, reduction="none")
     else:
-        ad = d.abs()
-        small = ad < beta
-        per_elem = torch.where(small, (0.5 / beta) * d * d, ad - 0.5 * beta)
+        per_elem = F.smooth_l1_loss(p, t, reduction="none", beta=beta)
     per_row = per_elem.sum(dim=-1)  # (...)
     if mask is not None:
         w = mask.to(per_row.dtype)
@@ -89,8 +92,10 @@ def masked_regression_loss(pred, target, mask, beta, scale, reduction, need_grad
     loss = per_row.sum() * factor
     if not need_grad:
         return loss, pred.new_empty(0)
-    g = 2.0 * d if beta == 0 else torch.where(small, d / beta, torch.sign(d))
-    g = g * factor
-    if w is not None:
-        g = g * w.unsqueeze(-1)
+    # d(loss)/d(per_elem) per row: factor on selected rows, 0 elsewhere; broadcast over D as a strided view
+    row_grad = (w * factor if w is not None else factor.expand(per_row.shape)).unsqueeze(-1).expand_as(p)
+    if beta == 0:
+        g = torch.ops.aten.mse_loss_backward(row_grad, p, t, 0)  # 0: reduction "none"
+    else:
+        g = torch.ops.aten.smooth_l1_loss_backward(row_grad, p, t, 0, beta)
     return loss, g.to(torch.bfloat16 if pred.dtype == torch.bfloat16 else torch.float32).reshape(shape).contiguous()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from d2v.data.audio import resample
+
 SENTENCES = [
     "The small boat drifted slowly across the quiet harbour at dawn.",
     "Bright yellow leaves were falling on the wet stone path.",
@@ -63,8 +65,6 @@ def synthesize(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarra
 
 def main(out: Path = Path(__file__).parent) -> None:
     import soundfile as sf
-
-    from d2v.data.speech import resample
 
     rng = np.random.default_rng(0)
     for old in out.glob("*.flac"):

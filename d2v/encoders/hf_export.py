@@ -226,3 +226,64 @@ def _text(m: dict, state: dict[str, torch.Tensor]):
                         "padding_side": "right", **specials}
     return config, {k: v.contiguous() for k, v in t.items()}, {"tokenizer_config.json": tokenizer_config,
                                                              "special_tokens_map.json": specials}
+
+
+# ---------------------------------------------------------------------------------------------- classifiers
+CLASSIFIERS = {"vision": ("Data2VecVisionForImageClassification", "data2vec_vision."),
+               "speech": ("Data2VecAudioForSequenceClassification", "data2vec_audio."),
+               "text": ("Data2VecTextForSequenceClassification", "data2vec_text.")}
+
+
+def classifier_unmappable(model_cfg: dict, head: str) -> str:
+    """Why a fine-tuned classifier has no transformers equivalent with the same logits ('' when it has one)."""
+    reason = unmappable(model_cfg)
+    if reason:
+        return reason
+    if head != "data2vec" and model_cfg["modality"] != "speech":
+        return ("its head pools with encoder.embed (fine-tuned with --head mean), which transformers' "
+                f"{CLASSIFIERS[model_cfg['modality']][0]} does not compute; fine-tune with --head data2vec")
+    return ""
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+    """Linear(W, b) applied to (x - mean) / std, as one Linear on x: (W / std, b - W (mean / std)), computed in
+    float64."""
+    w, m, s = weight.double(), mean.double(), std.double()
+    return (w / s).float().contiguous(), (bias.double() - w @ (m / s)).float()
+
+
+def convert_classifier(model_cfg: dict, state: dict[str, torch.Tensor], info: dict,
+                       head: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(config.json dict, tensors, extra JSON files) of the transformers Data2Vec...For...Classification model that
+    computes the same logits as d2v's Classifier (d2v.encoders.classifier) with encoder `state` and `head` tensors.
+    The standardization before the head's first Linear is folded into that Linear."""
+    reason = classifier_unmappable(model_cfg, info["head"])
+    if reason:
+        raise ValueError(f"no Hugging Face classifier: {reason}")
+    modality = model_cfg["modality"]
+    config, base, extra = convert(model_cfg, state)
+    architecture, prefix = CLASSIFIERS[modality]
+    labels = [str(x) for x in info["labels"]]
+    config.update(architectures=[architecture], id2label={str(i): n for i, n in enumerate(labels)},
+                  label2id={n: i for i, n in enumerate(labels)})
+    mean, std = head["feature_mean"], head["feature_std"]
+    if modality == "vision":  # mean of the patches -> pooler LayerNorm (d2v's fc_norm) -> classifier
+        config["use_mean_pooling"] = True  # also makes the final per-token LayerNorm an identity, as d2v's head
+        base = {k: v for k, v in base.items() if not k.startswith("layernorm.")}
+        base.update({"pooler.layernorm.weight": head["fc_norm.weight"], "pooler.layernorm.bias": head["fc_norm.bias"]})
+        weight, bias = _fold(head["head.weight"], head["head.bias"], mean, std)
+        tensors = {**{prefix + k: v for k, v in base.items()}, "classifier.weight": weight, "classifier.bias": bias}
+    elif modality == "speech":  # projector (the standardization, per frame) -> mean over frames -> classifier
+        dim = mean.numel()
+        config.update(classifier_proj_size=dim, use_weighted_layer_sum=False)
+        tensors = {**{prefix + k: v for k, v in base.items()},
+                   "projector.weight": torch.diag(1.0 / std.double()).float(),
+                   "projector.bias": (-mean.double() / std.double()).float(),
+                   "classifier.weight": head["head.weight"], "classifier.bias": head["head.bias"]}
+    else:  # <s> -> dense (with the standardization folded in) -> tanh -> out_proj
+        weight, bias = _fold(head["dense.weight"], head["dense.bias"], mean, std)
+        config.update(classifier_dropout=None)
+        tensors = {**{prefix + k: v for k, v in base.items()}, "classifier.dense.weight": weight,
+                   "classifier.dense.bias": bias, "classifier.out_proj.weight": head["head.weight"],
+                   "classifier.out_proj.bias": head["head.bias"]}
+    return config, {k: v.contiguous() for k, v in tensors.items()}, extra

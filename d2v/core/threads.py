@@ -57,12 +57,15 @@ def cpu_budget(affinity: int | None = None, quota: float | None = -1.0, processe
     return max(1, cpus // max(1, processes))
 
 
+CHOSEN: dict[str, str] = {}  # what apply_env put into os.environ (a launcher takes it out again for its workers)
+
+
 def apply_env(environ=None) -> dict[str, str]:
     """Set the thread defaults in `environ` (os.environ) where the user has not; returns what was set.
 
     Call before torch is imported: libgomp reads these once, at load."""
     environ = os.environ if environ is None else environ
-    chosen = {}
+    chosen = CHOSEN if environ is os.environ else {}
     if "OMP_NUM_THREADS" not in environ:
         # torchrun sets OMP_NUM_THREADS=1 itself for several processes; a bare launcher may not
         chosen["OMP_NUM_THREADS"] = str(cpu_budget(processes=int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)))

@@ -37,55 +37,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2v.errors import CheckpointError
+from d2v.core.errors import CheckpointError
+from d2v.core.files import FILE_MODE, atomic_write_bytes, atomic_write_json, fsync_dir
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.safetensors", "state.json")
 SHARDED_DIR = "dcp"  # the DCP shards of a sharded checkpoint
 SHARDED_FILES = ("state.json",)  # besides the shards, which its manifest lists
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give: tempfile-style 0600 would hide a shared run from its group
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -177,7 +136,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     for key, value in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
+    # How the optimizer runs (run.fused_adamw, which may change on resume) is this run's choice, not the saved one's:
+    # load_state_dict would take the saved groups' flags, and place the step counters by them
+    how = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, flags in zip(optimizer.param_groups, how):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))  # else torch keeps step counters on the CPU
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -197,7 +169,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         _save_tensors(tmp / "state.safetensors", opt_tensors)
         atomic_write_json(tmp / "state.json", {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **extra})
         write_manifest(tmp, FILES)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
@@ -216,7 +188,7 @@ def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -441,8 +413,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
                                                    "optimizer": {"scalars": scalars}, **extra})
             shards = sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED_DIR).rglob("*") if p.is_file())
             write_manifest(tmp, [*SHARDED_FILES, *shards])
-            _fsync_dir(tmp / SHARDED_DIR)
-            _fsync_dir(tmp)
+            fsync_dir(tmp / SHARDED_DIR)
+            fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from d2v.errors import ConfigError
+from d2v.core.errors import ConfigError
 
 
 @dataclass
@@ -123,7 +123,7 @@ class TargetConfig:
     loss_on: str = "mask_token"
     # data2vec 2.0 (images): weight of the loss regressing the mean target over patches from each clone's CLS
     # output, averaged over clones, added to the mean loss over masked positions. The reference's cls_loss 0.01
-    # multiplies a sum over the 16 x 16 clones on each of its GPUs: 2.56 here.
+    # multiplies a sum over the images x clones on each of its GPUs: base 16 x 16 -> 2.56, large 8 x 16 -> 1.28.
     cls_loss: float = 0.0
 
 
@@ -177,7 +177,10 @@ NO_DECAY_RULES = ("1d", "bias", *NO_DECAY_NAMES)
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # a built-in name or a path
+    source: str = "digits"  # a built-in name, a path or a URL of shards; "" when `sources` names a mixture
+    # a mixture (several --data): its sources, drawn by `weights` (relative; empty: equal) per sample position
+    sources: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
     image_size: int = 0  # 0: the data's own size; else images are resized to this
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, area fraction (1, 1): none
     hflip: bool = True
@@ -197,8 +200,14 @@ class DataConfig:
 class RunConfig:
     steps: int = 500_000
     batch_size: int = 2048  # samples per optimizer update, all processes together (the global batch)
+    # speech: > 0 makes an update hold as many utterances as fit in this many waveform samples, all processes
+    # together (fairseq's max_tokens x GPUs; run.batch_size is then 0); 0: run.batch_size utterances per update
+    batch_tokens: int = 0
     grad_accum: int = 1  # micro-batches per update on each process: micro-batch = batch_size / (processes x grad_accum)
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    # "auto" | "fp32" | "bf16" | "fp16": autocast dtype over fp32 weights; auto: bf16 on a GPU that has it, else
+    # fp32, resolved when the run starts (d2v.core.device.resolve_precision) and saved resolved, so a resumed run
+    # keeps what it trained with (runs saved before "auto" existed hold their explicit value)
+    precision: str = "auto"
     device: str = "auto"
     kernels: str = "auto"
     compile: str = "auto"  # torch.compile the student and teacher forward: "auto" | "on" | "off" (d2v.train.use_compile)
@@ -214,13 +223,19 @@ class RunConfig:
     eval_every: int = 0  # updates between k-NN evaluations (0: ten per run); always at the end
     log: str = ""  # "tensorboard": also write TensorBoard events to RUN/tb (metrics.jsonl stays the record)
     init_from: str = ""  # start from this encoder: a d2v export, a d2v run, or a transformers Data2Vec*Model dir
+    # Recompute the student's blocks in the backward instead of keeping their activations: "off", "all", or N (the
+    # first N blocks). Same gradients (dropout draws are replayed), less memory, about one more student forward.
+    activation_checkpointing: str = "off"
+    fused_adamw: str = "auto"  # AdamW as one fused kernel: "auto" (on CUDA), "on", "off" (torch's foreach AdamW)
 
 
 @dataclass
 class PretrainConfig:
     modality: str = "vision"
     preset: str = "base"
-    recipe: str = "v1"  # "v1": data2vec 1.0; "v2": data2vec 2.0 (kept tokens only, decoder, multi-mask)
+    # "v1": data2vec 1.0; "v2": data2vec 2.0 (kept tokens only, decoder, multi-mask). "v1" here is what a saved
+    # config without the field means (runs from before v2); new runs take presets.DEFAULT_RECIPE per modality.
+    recipe: str = "v1"
     model: VisionModelConfig = field(default_factory=VisionModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
@@ -333,6 +348,7 @@ def _scalar(value: Any, kind: type, key: str) -> Any:
 def coerce(value: Any, hint, key: str) -> Any:
     """`value` (a CLI string or a JSON value) as the type `hint` declares; a wrong type is a ConfigError."""
     kind, elem = _kind(hint)
+    given = value
     try:
         if kind in (list, tuple):
             if isinstance(value, str):
@@ -344,5 +360,6 @@ def coerce(value: Any, hint, key: str) -> Any:
         return _scalar(value, kind, key)
     except (ValueError, OverflowError, TypeError):
         want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-        what = f"a list of {want.get(elem, 'values')}" if kind in (list, tuple) else want.get(kind, str(kind))
-        raise ConfigError(f"{key} expects {what}, got {value!r}") from None
+        many = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+        what = f"a list of {many.get(elem, 'values')}" if kind in (list, tuple) else want.get(kind, str(kind))
+        raise ConfigError(f"{key} expects {what}, got {given!r}") from None

@@ -1,5 +1,5 @@
 """Hugging Face transformers Data2Vec{Vision,Audio,Text}Model directory -> d2v encoder config and weights: the
-inverse of d2v.hf_export, for continuing pretraining from a published model.
+inverse of d2v.encoders.hf_export, for continuing pretraining from a published model.
 
 The tensor mapping is not written twice: hf_export.convert maps a d2v state dict to HF names with views (chunks
 of qkv, renames), so feeding it d2v tensors and writing each HF tensor into the view it returns fills the d2v
@@ -12,8 +12,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from d2v.errors import CheckpointError
+from d2v.core.config import MODEL_CONFIGS
+from d2v.core.errors import CheckpointError
+from d2v.encoders import hf_export
+from d2v.models import build_encoder
 
 MODEL_TYPES = {"data2vec-vision": "vision", "data2vec-audio": "speech", "data2vec-text": "text"}
 OPTIONAL = {"mask_token", "mask_emb"}  # inference-only exports may lack the mask embedding: it starts fresh
@@ -26,7 +30,7 @@ def is_hf_dir(path: Path) -> bool:
         return False
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except ValueError as exc:
@@ -44,8 +48,6 @@ def model_config(hf: dict, pre: dict) -> dict:
 
 
 def _model_config(hf: dict, pre: dict) -> dict:
-    from d2v.config import MODEL_CONFIGS
-
     modality = MODEL_TYPES.get(hf.get("model_type"))
     if modality is None:
         raise CheckpointError(f"model_type {hf.get('model_type')!r} is not a transformers data2vec model")
@@ -86,14 +88,9 @@ def _model_config(hf: dict, pre: dict) -> dict:
 
 def load_hf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(d2v model config dict, d2v encoder state) of a transformers Data2Vec*Model directory."""
-    from safetensors.torch import load_file
-
-    from d2v import hf_export
-    from d2v.export import _build
-
     path = Path(path)
-    hf = _read_json(path / "config.json")
-    model_cfg = model_config(hf, _read_json(path / "preprocessor_config.json"))
+    hf = read_json(path / "config.json")
+    model_cfg = model_config(hf, read_json(path / "preprocessor_config.json"))
     weights = path / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{path} has no model.safetensors (d2v reads only safetensors weights, never pickles)")
@@ -106,13 +103,19 @@ def load_hf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     theirs = {k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)}  # task models wrap the base
 
     try:
-        encoder = _build(model_cfg)
+        encoder = build_encoder(model_cfg)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     _, views, _ = hf_export.convert(model_cfg, state)
     owner = {v.untyped_storage().data_ptr(): k for k, v in state.items()}
     filled = {k: 0 for k in state}
+    if model_cfg["modality"] == "vision" and "layernorm.weight" not in theirs and hf.get("use_mean_pooling"):
+        # a mean-pooling classifier (d2v's own fine-tuned export among them) has no final per-token LayerNorm: the
+        # encoder's starts from the pooler's, the LayerNorm nearest to it
+        for what in ("weight", "bias"):
+            if f"pooler.layernorm.{what}" in theirs:
+                theirs[f"layernorm.{what}"] = theirs[f"pooler.layernorm.{what}"]
     if model_cfg["modality"] == "text":  # RoBERTa adds token type 0 to every position: fold it into the positions
         types = theirs.get("embeddings.token_type_embeddings.weight")
         if types is not None and "embeddings.position_embeddings.weight" in theirs:

@@ -11,7 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from d2v.errors import CheckpointError, ConfigError
+from d2v.core.errors import CheckpointError, ConfigError, SystemRefusal
+from d2v.runtime import checkpoint as ckpt
 
 LOCK = ".lock"
 
@@ -41,12 +42,12 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is a file, not a directory")
     parent = next((p for p in (path, *path.parents) if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path} is not writable (no write permission in {parent})")
+        raise SystemRefusal(f"{what} {path} is not writable (no write permission in {parent})")
     try:  # a unique name: threads of one process (a sweep exporting in parallel) check the same parent at once
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".d2v-write-test-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
+        raise SystemRefusal(f"{what} {path} is not writable ({exc.strerror or exc})") from None
 
 
 class RunLock:
@@ -118,27 +119,34 @@ def check_new_run_target(out: Path) -> None:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    from d2v import checkpoint as ckpt
-
     try:
         return bool(ckpt.candidates(run_dir))
     except CheckpointError:
         return False
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics log (JSON lines with an integer step); a line cut short by a crash, or otherwise
-    unreadable, is dropped."""
-    records = []
+
+def open_run(run_dir: Path, resume: bool, say) -> tuple[RunLock, bool]:
+    """Create and lock a run directory (pretraining or fine-tuning); returns (the lock, whether to start from
+    scratch). A partial checkpoint left by a killed process is removed; a new run never overwrites one that saved a
+    checkpoint, and resuming a run that has none starts it again."""
+    if not resume:
+        check_new_run_target(run_dir)
+    else:
+        check_writable_dir(run_dir, "--out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+        for p in ckpt.remove_partial(run_dir):
+            say(f"Removed {p.name}, a partial checkpoint left by a process that was killed while saving.")
+        saved = has_checkpoint(run_dir)
+        if resume and not saved:
+            say(f"{run_dir} has no checkpoint yet: starting the run again from scratch with its saved config.")
+        elif not resume and is_run_dir(run_dir):
+            if saved:
+                raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+            say(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again from scratch.")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, not (resume and saved)

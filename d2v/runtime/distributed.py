@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as td
 
-from d2v.errors import ConfigError
+from d2v.core.errors import ConfigError
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C, preemption / scancel, SLURM's --signal warning
 STRATEGIES = ("ddp", "fsdp")
@@ -40,16 +40,20 @@ def env_rank() -> int:
 # ------------------------------------------------------------------------------------------------ batch arithmetic
 @dataclass(frozen=True)
 class BatchPlan:
-    """How the global batch of one optimizer update is split: world processes x accum micro-batches x micro samples.
+    """How the global batch of one optimizer update is split: world processes x accum micro-batches.
 
-    Micro-batch m of rank r in update u holds the samples at global positions first(u, m) .. + micro - 1 of the
-    run's sample stream, so that which samples (and, since masks and augmentations are functions of the position,
-    which masks and crops) make up an update does not depend on the number of processes."""
+    Micro-batch m of rank r in update u holds the samples at global positions first .. first + count - 1 of the
+    run's sample stream (micro_batch(u, m)), so that which samples (and, since masks and augmentations are functions
+    of the position, which masks and crops) make up an update does not depend on the number of processes. Without a
+    budget every update holds `batch` samples and every micro-batch `micro` of them; with one (speech,
+    run.batch_tokens) an update holds the utterances that fit in the budget's samples, cut into accum x world parts
+    of about equal samples (d2v.data.budget.BudgetedUpdates)."""
 
-    batch: int  # samples per optimizer update, all processes together (run.batch_size)
+    batch: int  # samples per optimizer update, all processes together (run.batch_size; 0 with a budget)
     accum: int  # micro-batches per update on each process (run.grad_accum)
     world: int
     rank: int = 0
+    budget: object = None  # a d2v.data.budget.BudgetedUpdates, or None
 
     @property
     def micro(self) -> int:
@@ -58,13 +62,43 @@ class BatchPlan:
     def first(self, update: int, m: int) -> int:
         return update * self.batch + (m * self.world + self.rank) * self.micro
 
+    def micro_batch(self, update: int, m: int) -> tuple[int, int]:
+        """(first sample position, count) of this rank's micro-batch m of `update`."""
+        if self.budget is None:
+            return self.first(update, m), self.micro
+        return self.budget.parts(update, self.accum * self.world)[m * self.world + self.rank]
+
+    def start(self, update: int) -> int:
+        """The global sample position where `update` begins (all positions before it were consumed)."""
+        return update * self.batch if self.budget is None else self.budget.span(update)[0]
+
+    def samples(self, update: int) -> int:
+        """Samples (utterances, images, blocks) in `update`, all processes together."""
+        if self.budget is None:
+            return self.batch
+        start, end = self.budget.span(update)
+        return end - start
+
     def describe(self) -> str:
-        return (f"global batch {self.batch} per update = {self.world} process{'es' if self.world != 1 else ''} x "
-                f"{self.accum} accumulated micro-batch{'es' if self.accum != 1 else ''} x {self.micro} samples")
+        split = (f"{self.world} process{'es' if self.world != 1 else ''} x {self.accum} accumulated "
+                 f"micro-batch{'es' if self.accum != 1 else ''}")
+        if self.budget is not None:
+            b = self.budget
+            return (f"global batch {b.budget} audio samples per update (about {b.mean_count():.1f} utterances, at least "
+                    f"{b.min_count}) = {split} of about {b.budget // (self.accum * self.world)} samples")
+        return f"global batch {self.batch} per update = {split} x {self.micro} samples"
 
 
-def batch_plan(batch: int, accum: int, world: int, rank: int = 0) -> BatchPlan:
-    """The split of `batch` samples per update; a ConfigError when it does not divide evenly."""
+def batch_plan(batch: int, accum: int, world: int, rank: int = 0, budget=None) -> BatchPlan:
+    """The split of `batch` samples (or of a budget's updates) per update; a ConfigError when it does not divide
+    evenly (or an update of the budget can hold fewer utterances than there are micro-batches)."""
+    if budget is not None:
+        if budget.min_count < accum * world:
+            raise ConfigError(
+                f"run.batch_tokens {budget.budget} holds as few as {budget.min_count} utterance(s) of up to "
+                f"{int(budget.costs.max())} samples, fewer than processes x --grad-accum = {world} x {accum}; raise "
+                f"run.batch_tokens to at least {accum * world * int(budget.costs.max())} or lower --grad-accum")
+        return BatchPlan(batch, accum, world, rank, budget)
     if batch % (accum * world):
         hint = [d for d in range(1, accum * world + 1) if batch % (d * world) == 0][-1:]
         fix = f" (e.g. --grad-accum {hint[0]})" if hint and world > 1 else ""
@@ -83,10 +117,6 @@ def check_strategy(cfg) -> None:
     if cfg.run.eval_data:
         raise ConfigError("the k-NN monitor (run.eval_data) needs the whole model in one process; with "
                           "run.strategy=fsdp leave run.eval_data empty (or use run.strategy=ddp)")
-    if getattr(cfg.model, "layerdrop", 0) > 0:
-        raise ConfigError("run.strategy=fsdp cannot skip blocks (model.layerdrop > 0): each process would skip its "
-                          "own blocks while sharded blocks need every process; set model.layerdrop=0 or "
-                          "run.strategy=ddp")
 
 
 # ------------------------------------------------------------------------------------------------ process group
@@ -162,6 +192,15 @@ def broadcast_int(value: int, dist: Dist) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     td.broadcast(t, src=0, group=dist.control)
     return int(t.item())
+
+
+def union_pairs(pairs: list[tuple[str, str]], dist: Dist) -> list[tuple[str, str]]:
+    """Every rank's (str, str) pairs together, each once, sorted (e.g. the files each rank left out as unreadable)."""
+    if not dist.enabled:
+        return sorted(set(map(tuple, pairs)))
+    gathered: list = [None] * dist.world
+    td.all_gather_object(gathered, list(pairs), group=dist.control)
+    return sorted({tuple(p) for part in gathered for p in part})
 
 
 def check_same(text: str, what: str, dist: Dist) -> None:
@@ -259,8 +298,3 @@ def _fsdp_no_sync(engine):
     finally:
         engine.set_requires_gradient_sync(True)
 
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a (possibly FSDP-sharded DTensor) parameter; the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t

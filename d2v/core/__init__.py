@@ -1,0 +1,1 @@
+"""The bottom layer: errors, configuration and presets, the Batch type, devices, the tokenizer, CPU threads."""
