@@ -283,7 +283,9 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, resume: bool = False,
         console = console or Console()
         if not dist.is_main:
             console, progress = Console(quiet=True), False  # one progress display and one log: rank 0's
-        return _pretrain(cfg, out, resume, console, progress, dist, step_times or NoTimes())
+        summary = _pretrain(cfg, out, resume, console, progress, dist, step_times or NoTimes())
+        distributed.barrier(dist)  # no process tears the group down while another still finishes (rank 0 plots)
+        return summary
     finally:
         distributed.shutdown(dist)
 

@@ -29,6 +29,8 @@ FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_S = 120
 SHOWN_LINES = 20  # lines of a failed non-zero rank's output shown
 LAUNCHED_ENV = "D2V_LAUNCHED"  # set for the workers of launch_local
+# Signals the launcher itself sends to workers when it stops them (after another one failed, or at shutdown)
+LAUNCHER_SIGNALS = (15, 9)  # SIGTERM, SIGKILL
 LATE_ERROR_S = 5.0  # how long a non-zero rank with a user error waits for rank 0 to report the same (d2v.cli)
 
 
@@ -65,15 +67,16 @@ def launch_local(nproc: int, argv: list[str], environ_chosen: dict[str, str] | N
         except SignalException as exc:
             return 128 + int(exc.sigval)
         except ChildFailedError as exc:
-            return _failed(exc.failures.values(), Path(logs), err)
+            return failed_exit_code(exc.failures.values(), Path(logs), err)
     return 0
 
 
-def _failed(failures, logs: Path, err) -> int:
+def failed_exit_code(failures, logs: Path, err) -> int:
     """The exit code of a run some of whose workers failed. A worker that exited on its own (an error, a signal it
     handled) tells why; the launcher then stops the others with SIGTERM, which may catch one still shutting down, so
     deaths by signal count only when no worker exited on its own. Rank 0 has told the user itself; another rank's
     output is shown only when rank 0 did not fail on its own."""
+    failures = list(failures)
     exited = {f.local_rank: f.exitcode for f in failures if f.exitcode > 0}
     if 0 in exited:
         return exited[0]
@@ -81,7 +84,25 @@ def _failed(failures, logs: Path, err) -> int:
         rank = min(exited)
         _show_rank_output(logs, rank, err)
         return exited[rank]
+    # Only deaths by signal. One the launcher does not send (SIGABRT, SIGSEGV, ...) is a crash of that worker: say
+    # which and show what it printed, since a non-zero rank's output is otherwise in a deleted temporary folder.
+    crashed = {f.local_rank: f.exitcode for f in failures if -f.exitcode not in LAUNCHER_SIGNALS}
+    if crashed:
+        rank = min(crashed)
+        if rank != 0:
+            _show_rank_output(logs, rank, err)
+        print(f"Process {rank} of the run was killed by signal {-crashed[rank]} ({_signal_name(-crashed[rank])}).",
+              file=err)
+        return worker_exit_code(crashed[rank])
     return min(worker_exit_code(f.exitcode) for f in failures)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown signal"
 
 
 def _show_rank_output(logs: Path, rank: int, err) -> None:
