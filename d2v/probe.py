@@ -1,4 +1,6 @@
-"""Linear probe: a logistic-regression classifier on frozen `embed` features; reports test accuracy. On SentEval's
+"""Linear probe: a logistic-regression classifier on frozen mean-pooled features; reports test accuracy. Images: the
+means of the last 4 blocks' outputs, concatenated (DINO's linear-probe protocol); speech and text: `embed` (the
+last hidden states). On SentEval's
 sentence sets (`mr`, `trec`: d2v.data.sentences) it cross-validates over their fixed folds and reports, beside the
 encoder, what the words alone carry (TF-IDF logistic regression) and the untrained architecture (random init)."""
 from __future__ import annotations
@@ -8,12 +10,26 @@ from pathlib import Path
 
 import numpy as np
 
-from d2v.core.errors import DataError, check_count
+from d2v.core.errors import ConfigError, DataError, check_count
 from d2v.data.corpus import LabelledText
 from d2v.data.labelled import load_labelled, skipped_files
 from d2v.data.sentences import TASKS, SentenceTask, load_sentence_task
 from d2v.encoders.features import features
 from d2v.encoders.load import load_encoder, random_encoder
+
+
+# How many of an encoder's last blocks the probe reads by default, per modality (at most its depth): images follow
+# DINO's linear evaluation (the last 4 blocks of a ViT-S, concatenated); speech and text read the last hidden states,
+# as SUPERB-style single-layer and SentEval probes do.
+PROBE_BLOCKS = {"vision": 4, "speech": 1, "text": 1}
+
+
+def probe_blocks(cfg, requested: int = 0) -> int:
+    """The blocks a probe of an encoder with config `cfg` reads: `requested`, or 0 for the modality's default."""
+    if requested < 0 or requested > cfg.depth:
+        raise ConfigError(f"--blocks must be from 1 to the encoder's {cfg.depth} blocks (0: the default for "
+                          f"{cfg.modality}, {min(cfg.depth, PROBE_BLOCKS[cfg.modality])}), got {requested}")
+    return requested or min(cfg.depth, PROBE_BLOCKS[cfg.modality])
 
 
 @dataclass
@@ -26,15 +42,19 @@ class ProbeResult:
     feature_dim: int
     random_init: bool
     skipped_files: list = field(default_factory=list)  # (file, why) of each file left out (--skip-bad-files)
+    blocks: int = 1  # the features: the means of this many last blocks, concatenated
 
 
 def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: int = 0, random_init: bool = False,
-                 progress=None, holdout: list[str] | None = None, skip_bad_files: bool = False) -> ProbeResult:
-    """Fit logistic regression on train-split features of `source`; score it on the test split."""
+                 progress=None, holdout: list[str] | None = None, skip_bad_files: bool = False,
+                 blocks: int = 0) -> ProbeResult:
+    """Fit logistic regression on train-split features of `source`; score it on the test split. blocks: the
+    features are the means of the encoder's last `blocks` blocks, concatenated (0: PROBE_BLOCKS's default)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     check_count("--max-train", max_train, 0, 10**9, zero="all")  # a negative count would slice from the end
+    blocks = probe_blocks(encoder.cfg, blocks)
     train = load_labelled(source, encoder, "train", holdout, skip_bad_files)
     test = load_labelled(source, encoder, "test", holdout, skip_bad_files)
     if max_train and len(train) > max_train:
@@ -45,8 +65,8 @@ def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: i
         raise DataError(f"{source} needs at least two classes in its training split for a probe")
     if len(test) == 0:
         raise DataError(f"{source} has no test split to score the probe on")
-    x_train = features(encoder, train, device=device, progress=progress)
-    x_test = features(encoder, test, device=device, progress=progress)
+    x_train = features(encoder, train, device=device, progress=progress, blocks=blocks)
+    x_test = features(encoder, test, device=device, progress=progress, blocks=blocks)
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     clf.fit(scaler.transform(x_train), y_train)
@@ -56,6 +76,7 @@ def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: i
         n_train=len(train), n_test=len(test), n_classes=int(len(np.unique(y_train))),
         feature_dim=int(x_train.shape[1]), random_init=random_init,
         skipped_files=[list(p) for p in skipped_files(train, test)],  # found while extracting the features
+        blocks=blocks,
     )
 
 

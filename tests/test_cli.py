@@ -70,7 +70,15 @@ def test_pretrain_export_load_probe(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output
     probe = json.loads(js.read_text())
-    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["n_classes"] == 10 and probe["feature_dim"] == 32
+    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["n_classes"] == 10
+    blocks = min(4, enc.cfg.depth)  # images: the last 4 blocks by default (DINO's protocol)
+    assert probe["blocks"] == blocks and probe["feature_dim"] == 32 * blocks
+    assert f"the last {blocks} blocks" in result.output or blocks == 1
+    result = run("probe", out, "--data", "digits", "--blocks", "1", "--json", js)
+    assert result.exit_code == 0 and json.loads(js.read_text())["feature_dim"] == 32
+    assert "the last hidden states" in result.output
+    fails_with(run("probe", out, "--blocks", str(enc.cfg.depth + 1)), f"encoder's {enc.cfg.depth} blocks")
+    fails_with(run("probe", out, "--data", "mr", "--blocks", "2"), "mr and trec read the last hidden states")
     assert run("probe", out, "--random-init", "--max-train", "300").exit_code == 0
 
 

@@ -59,6 +59,15 @@ def test_layers_and_pools(encoder_dir, tmp_path):
         torch.testing.assert_close(pooled(enc, (x,), 1, "mean"), out.layers[0][:, 1:].mean(1))
         torch.testing.assert_close(pooled(enc, (x,), 0, "cls"), enc(x)[:, 0])
         torch.testing.assert_close(pooled(enc, (x,), enc.cfg.depth, "cls"), out.layers[-1][:, 0])
+        # several blocks: each block's mean, lowest first, the last one as embed pools it; one pass
+        for blocks in range(2, enc.cfg.depth + 1):
+            want = [out.layers[i][:, 1:].mean(1) for i in range(enc.cfg.depth - blocks, enc.cfg.depth - 1)]
+            torch.testing.assert_close(pooled(enc, (x,), blocks=blocks), torch.cat([*want, enc.embed(x)], dim=1))
+        torch.testing.assert_close(pooled(enc, (x,), blocks=1), enc.embed(x))
+        with pytest.raises(ValueError, match="blocks"):
+            pooled(enc, (x,), blocks=enc.cfg.depth + 1)
+        with pytest.raises(ValueError, match="layer 0"):
+            pooled(enc, (x,), layer=1, blocks=2)
     for args, text in ((["--layer", "9"], "--layer"), (["--pool", "max"], "--pool")):
         result = runner.invoke(app, ["embed", str(encoder_dir), "--data", "digits", "--out", str(tmp_path / "x.npy"),
                                      *args])

@@ -9,8 +9,10 @@ POOLS = ("mean", "cls")
 
 
 @torch.no_grad()
-def features(encoder, dataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None) -> np.ndarray:
-    """(N, D) float64 embeddings of every item of a dataset."""
+def features(encoder, dataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None,
+             blocks: int = 1) -> np.ndarray:
+    """(N, blocks x D) float64 embeddings of every item of a dataset: encoder.embed, or with blocks > 1 the mean
+    of each of the last `blocks` blocks, concatenated (pooled)."""
     encoder = encoder.to(device)
     batch_size = min(batch_size, getattr(dataset, "max_batch", batch_size))
     out = []
@@ -18,7 +20,7 @@ def features(encoder, dataset, batch_size: int = 256, device: str | torch.device
         idx = torch.arange(start, min(start + batch_size, len(dataset)))
         inputs = dataset.get_batch(idx)  # a tensor, or a tuple such as (waveforms, padding mask)
         inputs = tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else (inputs.to(device),)
-        out.append(encoder.embed(*inputs).float().cpu())
+        out.append(pooled(encoder, inputs, blocks=blocks).float().cpu())
         if progress is not None:
             progress(len(idx))
     return torch.cat(out).double().numpy()
@@ -36,29 +38,45 @@ def pool_error(cfg, layer: int, pool: str) -> str:
 
 
 @torch.no_grad()
-def pooled(encoder, inputs: tuple, layer: int = 0, pool: str = "mean") -> torch.Tensor:
+def pooled(encoder, inputs: tuple, layer: int = 0, pool: str = "mean", blocks: int = 1) -> torch.Tensor:
     """(B, D) representation of a batch of encoder inputs. layer 0: the last hidden states (with pool "mean" this is
     encoder.embed: the mean over patches, valid frames or real tokens); layer k: the output of block k (1-based,
     before any final norm). pool "mean" averages the positions (never the CLS token or padding), "cls" takes the
-    first token (vision CLS, text <s>)."""
+    first token (vision CLS, text <s>).
+
+    blocks > 1 (layer 0, pool "mean"): (B, blocks x D), the means of the outputs of the last `blocks` blocks,
+    concatenated, lowest first, the last one being the last hidden states (after any final norm), all from one
+    pass: the linear-probe features of DINO's protocol (its ViT-S/16 reads its last 4 blocks)."""
     cfg = encoder.cfg
-    if layer == 0 and pool == "mean":
+    if blocks > 1 and (layer or pool != "mean"):
+        raise ValueError("features of several blocks are means of the last blocks: layer 0 and pool 'mean' only")
+    if not 1 <= blocks <= cfg.depth:
+        raise ValueError(f"blocks must be from 1 to the encoder's {cfg.depth} blocks, got {blocks}")
+    if layer == 0 and pool == "mean" and blocks == 1:
         return encoder.embed(*inputs)
+    top_k = cfg.depth - layer + 1 if layer else blocks if blocks > 1 else 0
+    outputs = "block" if top_k else None
     if cfg.modality == "text":
         ids = inputs[0]
         padding = ids.eq(cfg.pad_id)
-        out = encoder.encode(ids, padding_mask=padding if bool(padding.any()) else None,
-                             output_layers="block" if layer else None, top_k=cfg.depth - layer + 1 if layer else 0)
+        out = encoder.encode(ids, padding_mask=padding if bool(padding.any()) else None, output_layers=outputs,
+                             top_k=top_k)
         valid = ~padding
     else:
         kwargs = {"padding_mask": inputs[1]} if cfg.modality == "speech" else {}
-        out = encoder.encode(inputs[0], output_layers="block" if layer else None,
-                             top_k=cfg.depth - layer + 1 if layer else 0, **kwargs)
+        out = encoder.encode(inputs[0], output_layers=outputs, top_k=top_k, **kwargs)
         valid = None if out.padding_mask is None else ~out.padding_mask
+    if blocks > 1:
+        hiddens = [*out.layers[:blocks - 1], out.hidden]
+        return torch.cat([_mean_positions(h[:, out.num_prefix:], valid) for h in hiddens], dim=1)
     hidden = out.layers[0] if layer else out.hidden  # (B, P + T, D)
     if pool == "cls":
         return hidden[:, 0]
-    hidden = hidden[:, out.num_prefix:]
+    return _mean_positions(hidden[:, out.num_prefix:], valid)
+
+
+def _mean_positions(hidden: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the mean over the positions where valid (B, T) is True (all of them when None)."""
     if valid is None:
         return hidden.mean(dim=1)
     w = valid.unsqueeze(-1).to(hidden.dtype)
