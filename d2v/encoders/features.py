@@ -47,13 +47,13 @@ def pooled(encoder, inputs: tuple, layer: int = 0, pool: str = "mean", blocks: i
     blocks > 1 (layer 0, pool "mean"): (B, blocks x D), the means of the outputs of the last `blocks` blocks,
     concatenated, lowest first, the last one being the last hidden states (after any final norm), all from one
     pass: the linear-probe features of DINO's protocol (its ViT-S/16 reads its last 4 blocks)."""
+    if layer == 0 and pool == "mean" and blocks == 1:
+        return encoder.embed(*inputs)  # any module with embed (a fine-tuning classifier's too)
     cfg = encoder.cfg
     if blocks > 1 and (layer or pool != "mean"):
         raise ValueError("features of several blocks are means of the last blocks: layer 0 and pool 'mean' only")
     if not 1 <= blocks <= cfg.depth:
         raise ValueError(f"blocks must be from 1 to the encoder's {cfg.depth} blocks, got {blocks}")
-    if layer == 0 and pool == "mean" and blocks == 1:
-        return encoder.embed(*inputs)
     top_k = cfg.depth - layer + 1 if layer else blocks if blocks > 1 else 0
     outputs = "block" if top_k else None
     if cfg.modality == "text":
