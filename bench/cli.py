@@ -421,6 +421,8 @@ def recipes(
     v2_steps: Optional[int] = typer.Option(None, "--v2-steps", help="Steps of the v2 run (default: preset)."),
     max_train: int = typer.Option(0, "--max-train", help="Probe on at most this many training items (0: all)."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Speech: held-out file globs for the probe."),
+    probe_blocks: int = typer.Option(0, "--probe-blocks", min=0, help="d2v probe's --blocks (0: its default; "
+                                     "image figures before 2026-12-08 read 1, the last hidden states)."),
     repeats: int = typer.Option(1, "--repeats", help="Alternating v1 / v2 pairs (same seed: timing noise)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, one v1 / v2 pair each "
                                         "(run.seed; replaces --repeats): the spread between pretraining runs."),
@@ -450,7 +452,7 @@ def recipes(
 
     result = run(modality, probe_data, data, checkpoints, v1_steps, v2_steps, max_train,
                  [p for p in (holdout or "").split(",") if p] or None, repeats, threads, extra, on_row=show,
-                 seeds=seed_list)
+                 seeds=seed_list, probe_blocks=probe_blocks)
     table = Table(title=f"{modality}: v1 vs v2, linear probe on {probe_data}")
     for col in ("repeat", "v1 acc", "v1 wall s", "v2 wall s to v1 acc", "v1 / v2 time", "v2 best acc within v1 wall",
                 "v2 final acc", "random init v1 / v2"):

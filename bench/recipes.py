@@ -33,13 +33,13 @@ def _pretrain(recipe: str, modality: str, args: list[str], out: Path, checkpoint
 
 
 def _probe_checkpoints(run: Path, t0: float, probe_data: str, max_train: int, holdout: list[str] | None,
-                       work: Path) -> list[dict]:
+                       work: Path, blocks: int = 0) -> list[dict]:
     rows = []
     for ck in list_checkpoints(run):
         done = (ck / "manifest.json").stat().st_mtime - t0
         enc = work / f"enc-{run.name}-{ck.name}"
         export_checkpoint(ck, enc, hf=False)
-        result = probe_path(enc, probe_data, max_train=max_train, holdout=holdout)
+        result = probe_path(enc, probe_data, max_train=max_train, holdout=holdout, blocks=blocks)
         rows.append({"step": int(ck.name.split("_")[-1]), "wall_s": round(done, 1), "accuracy": result.accuracy})
     return rows
 
@@ -81,9 +81,10 @@ def aggregate(summaries: list[dict]) -> dict:
 def run(modality: str, probe_data: str, data: str | None = None, checkpoints: int = 5,
         v1_steps: int | None = None, v2_steps: int | None = None, max_train: int = 0,
         holdout: list[str] | None = None, repeats: int = 1, threads: int | None = None, extra: list[str] = (),
-        on_row=None, seeds: list[int] | None = None) -> dict:
+        on_row=None, seeds: list[int] | None = None, probe_blocks: int = 0) -> dict:
     """Alternate v1 and v2 runs `repeats` times (with seeds: once per seed, both recipes with run.seed set to it);
-    probe their checkpoints; a dict of records, summaries (one per pair) and, over several pairs, their means."""
+    probe their checkpoints (probe_blocks: d2v probe's --blocks, 0 its default); a dict of records, summaries (one
+    per pair) and, over several pairs, their means."""
     args = [*(["--data", data] if data else []), *extra]
     records = []
     plan = [(rep, None) for rep in range(repeats)] if not seeds else list(enumerate(seeds))
@@ -94,7 +95,7 @@ def run(modality: str, probe_data: str, data: str | None = None, checkpoints: in
                 out = work / f"{recipe}-{rep}"
                 seeded = args if seed is None else [*args, "--set", f"run.seed={seed}"]
                 t0, wall = _pretrain(recipe, modality, seeded, out, checkpoints, steps, threads)
-                rows = _probe_checkpoints(out, t0, probe_data, max_train, holdout, work)
+                rows = _probe_checkpoints(out, t0, probe_data, max_train, holdout, work, probe_blocks)
                 record = {"recipe": recipe, "repeat": rep, "wall_s": round(wall, 1), "rows": rows,
                           "samples_per_s": _samples_per_s(out)}
                 if seed is not None:
@@ -102,13 +103,13 @@ def run(modality: str, probe_data: str, data: str | None = None, checkpoints: in
                 if rep == 0:  # the untrained architecture of this recipe, probed the same way
                     record["random_init"] = probe_path(work / f"enc-{out.name}-{_last(out)}", probe_data,
                                                        random_init=True, max_train=max_train,
-                                                       holdout=holdout).accuracy
+                                                       holdout=holdout, blocks=probe_blocks).accuracy
                 records.append(record)
                 if on_row:
                     on_row(record)
     summaries = [summarize(records[2 * r], records[2 * r + 1]) for r in range(len(plan))]
-    result = {"modality": modality, "probe_data": probe_data, "data": data, "records": records,
-              "summaries": summaries}
+    result = {"modality": modality, "probe_data": probe_data, "probe_blocks": probe_blocks, "data": data,
+              "records": records, "summaries": summaries}
     if len(summaries) > 1:
         result["mean"] = aggregate(summaries)
     return result

@@ -167,7 +167,7 @@ def test_recipes_seeds_set_each_pair_and_means_count_pairs_that_never_reach(tmp_
         (out / "metrics.jsonl").write_text('{"step": 1, "samples_per_s": 5.0}\n')
         return 0.0, 100.0
 
-    def fake_probe(run, t0, probe_data, max_train, holdout, work):
+    def fake_probe(run, t0, probe_data, max_train, holdout, work, blocks=0):
         recipe, seed = calls[-1]
         walls = (50.0, 100.0) if recipe == "v1" else (15.0, 30.0)
         return [{"step": i + 1, "wall_s": w, "accuracy": a} for i, (w, a) in enumerate(zip(walls, curves[calls[-1]]))]
