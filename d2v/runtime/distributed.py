@@ -160,8 +160,16 @@ def init(device: torch.device) -> Dist:
 
 
 def shutdown(dist: Dist) -> None:
+    """Destroy the process group this module made. DDP and FSDP objects keep the group alive past
+    destroy_process_group; freed only by the garbage collector at interpreter exit, the group's threads then abort
+    the process ("terminate called without an active exception", exit 134) now and then. So collect first: the
+    group goes away here, while the interpreter is whole."""
     if dist.owns_group and td.is_initialized():
+        import gc
+
+        gc.collect()
         td.destroy_process_group()
+        gc.collect()
 
 
 def barrier(dist: Dist) -> None:
