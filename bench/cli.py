@@ -508,6 +508,49 @@ def estimate(
         _write_json(console, json_path, result)
 
 
+@app.command(cls=PlainUsage)
+def pixels(
+    data: str = typer.Option("fashion-mnist", "--data", help="Labelled images, as d2v probe takes them."),
+    image_size: int = typer.Option(0, "--image-size", min=0, help="Resize (shorter side, centre crop) to N x N "
+                                   "first; 0: the images' own size (28 x 28 for fashion-mnist)."),
+    max_train: int = typer.Option(0, "--max-train", min=0, help="Use at most this many training images (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsample and the classifier."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """What the pixels alone give: d2v probe's classifier (standardized features, logistic regression) on the raw
+    pixel values of a labelled image set, the baseline an image encoder's probe should beat."""
+    import numpy as np
+    import torch
+
+    from d2v.data.images import load_images
+    from d2v.probe import fit_and_score
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    splits = {}
+    for split in ("train", "test"):
+        ds = load_images(data, split, image_size=image_size)
+        if ds.labels is None:
+            raise ConfigError(f"{data} has no labels: use a folder with one sub-folder per class, or an .npz with "
+                              "labels")
+        splits[split] = ds
+    train, test = splits["train"], splits["test"]
+    if max_train and len(train) > max_train:
+        train = train.subset(np.sort(np.random.default_rng(seed).permutation(len(train))[:max_train]))
+
+    def flat(ds):
+        return ds.get_batch(torch.arange(len(ds))).reshape(len(ds), -1).double().numpy()
+
+    with console.status("Fitting logistic regression on the pixels..."):
+        x_train, x_test = flat(train), flat(test)
+        accuracy, train_accuracy = fit_and_score(x_train, train.labels.numpy(), x_test, test.labels.numpy(), seed)
+    console.print(f"Raw pixels of {data}: test accuracy {accuracy:.4f} (train {train_accuracy:.4f}; {len(train)} "
+                  f"train / {len(test)} test, {x_train.shape[1]} pixels)", highlight=False, soft_wrap=True)
+    if json_path is not None:
+        _write_json(console, json_path, {"command": _command("pixels"), "data": data, "accuracy": accuracy,
+                                         "train_accuracy": train_accuracy, "n_train": len(train),
+                                         "n_test": len(test), "pixels": int(x_train.shape[1])})
+
+
 @app.command("text-ceiling", cls=PlainUsage)
 def text_ceiling(
     encoders: List[str] = typer.Argument(..., help="d2v text exports (the first one's tokenizer is used), e.g. the "

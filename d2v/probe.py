@@ -50,9 +50,6 @@ def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: i
                  blocks: int = 0) -> ProbeResult:
     """Fit logistic regression on train-split features of `source`; score it on the test split. blocks: the
     features are the means of the encoder's last `blocks` blocks, concatenated (0: PROBE_BLOCKS's default)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     check_count("--max-train", max_train, 0, 10**9, zero="all")  # a negative count would slice from the end
     blocks = probe_blocks(encoder.cfg, blocks)
     train = load_labelled(source, encoder, "train", holdout, skip_bad_files)
@@ -67,17 +64,28 @@ def linear_probe(encoder, source: str, max_train: int = 0, device="cpu", seed: i
         raise DataError(f"{source} has no test split to score the probe on")
     x_train = features(encoder, train, device=device, progress=progress, blocks=blocks)
     x_test = features(encoder, test, device=device, progress=progress, blocks=blocks)
-    scaler = StandardScaler().fit(x_train)
-    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-    clf.fit(scaler.transform(x_train), y_train)
+    accuracy, train_accuracy = fit_and_score(x_train, y_train, x_test, y_test, seed)
     return ProbeResult(
-        accuracy=float(clf.score(scaler.transform(x_test), y_test)),
-        train_accuracy=float(clf.score(scaler.transform(x_train), y_train)),
+        accuracy=accuracy, train_accuracy=train_accuracy,
         n_train=len(train), n_test=len(test), n_classes=int(len(np.unique(y_train))),
         feature_dim=int(x_train.shape[1]), random_init=random_init,
         skipped_files=[list(p) for p in skipped_files(train, test)],  # found while extracting the features
         blocks=blocks,
     )
+
+
+def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                  seed: int = 0) -> tuple[float, float]:
+    """The probe's classifier: features standardized with the training split's statistics, then L2-regularized
+    logistic regression (C 1); (test accuracy, train accuracy)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    clf.fit(scaler.transform(x_train), y_train)
+    return (float(clf.score(scaler.transform(x_test), y_test)),
+            float(clf.score(scaler.transform(x_train), y_train)))
 
 
 def probe_path(path: str | Path, source: str, random_init: bool = False, **kwargs) -> ProbeResult:

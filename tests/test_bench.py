@@ -258,3 +258,26 @@ def test_text_diagnosis_trains_and_measures_position_and_token(tmp_path, objecti
     assert records[-1] == {"done": True, "steps": 20, "train_s": records[-1]["train_s"]} and len(losses) == 2
     if objective == "mlm":
         assert losses[-1] < losses[0] < 1.5 * np.log(300)
+
+
+def test_pixels_scores_the_raw_pixels_with_the_probes_classifier(tmp_path):
+    """`d2v bench pixels`: the probe's classifier on the flattened pixels (digits: 8 x 8 = 64 values each), the same
+    figure as fitting it by hand; an unlabelled source is one sentence and exit 2."""
+    from d2v.data.images import load_images
+    from d2v.probe import fit_and_score
+
+    out = tmp_path / "pixels.json"
+    result = bench(["pixels", "--data", "digits", "--max-train", "500", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.read_text())
+    assert rec["pixels"] == 64 and rec["n_train"] == 500 and rec["command"].startswith("d2v bench pixels")
+    train, test = load_images("digits", "train"), load_images("digits", "test")
+    keep = np.sort(np.random.default_rng(0).permutation(len(train))[:500])
+    train = train.subset(keep)
+    flat = lambda ds: ds.get_batch(torch.arange(len(ds))).reshape(len(ds), -1).double().numpy()  # noqa: E731
+    want, _ = fit_and_score(flat(train), train.labels.numpy(), flat(test), test.labels.numpy())
+    assert rec["accuracy"] == pytest.approx(want) and 0.8 < want <= 1.0
+    assert f"test accuracy {want:.4f}" in result.output
+    np.save(tmp_path / "unlabelled.npy", np.zeros((6, 8, 8), dtype=np.uint8))
+    result = bench(["pixels", "--data", str(tmp_path / "unlabelled.npy")])
+    assert result.exit_code == 2 and "no labels" in result.output, result.output
