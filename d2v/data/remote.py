@@ -236,6 +236,14 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * _jitter.uniform(0.5, 1.5))
 
 
+def _attempts(tries: int):
+    """The attempts of a read (0 .. tries - 1), with a backoff before each one after the first."""
+    for attempt in range(tries):
+        if attempt:
+            _backoff(attempt - 1)
+        yield attempt
+
+
 def _gave_up(url: str, why: str, tries: int) -> DataError:
     return DataError(f"cannot read {url} ({why}, {tries} tries); check the URL and the network")
 
@@ -246,9 +254,7 @@ def read_range(url: str, first: int, size: int, total: int | None = None) -> byt
     if size <= 0:
         return b""
     tries, why = retries() + 1, ""
-    for attempt in range(tries):
-        if attempt:
-            _backoff(attempt - 1)
+    for _ in _attempts(tries):
         try:
             conn, resp = _get(url, first, first + size - 1)
         except _Transient as exc:
@@ -317,9 +323,7 @@ class ShardStream:
         if n == 0 or (self.total is not None and self.pos >= self.total):
             return b""
         tries, why = retries() + 1, ""
-        for attempt in range(tries):
-            if attempt:
-                _backoff(attempt - 1)
+        for _ in _attempts(tries):
             try:
                 if self._resp is None:
                     self._open()
